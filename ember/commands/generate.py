@@ -1,0 +1,54 @@
+"""Continue a prompt with a model, using the naive contiguous-KV-cache decoder.
+
+    ember generate --model runs/quickstart/base --prompt "def fibonacci(n):" --max-tokens 64
+    ember generate --model DIR --prompt "What is a list?" --chat --temperature 0.7 --top-p 0.9
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ember.checkpoint.hf import load_model
+from ember.model.generate import generate, stop_token_ids
+from ember.tokenizer import load_tokenizer
+
+
+@dataclass
+class GenerateConfig:
+    """Generate text from a prompt with a model folder (HF layout; its tokenizer alongside)."""
+
+    model: Path = field(metadata={"help": "model folder (config.json + safetensors + tokenizer)"})
+    prompt: str = field(metadata={"help": "text to continue"})
+    max_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = all)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
+    chat: bool = field(default=False, metadata={"help": "wrap the prompt in the chat template as a user turn"})
+    tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (default: the model folder)"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+
+
+CONFIG = GenerateConfig
+
+
+def main(cfg: GenerateConfig) -> None:
+    tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = load_model(cfg.model, dtype=cfg.dtype)
+    if cfg.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}],
+                                      add_generation_prompt=True, tokenize=True)
+    else:
+        ids = tok.encode(cfg.prompt)
+    if not ids:
+        ids = [tok.bos_token_id if tok.bos_token_id is not None else 0]
+    eos = stop_token_ids(model.config, tok.eos_token_id)
+    out = generate(model, torch.tensor([ids]), cfg.max_tokens, temperature=cfg.temperature,
+                   top_k=cfg.top_k, top_p=cfg.top_p, eos_token_ids=eos, seed=cfg.seed)
+    new = [t for t in out[0, len(ids):].tolist() if t not in eos]
+    text = tok.decode(new, skip_special_tokens=True)
+    sys.stdout.write((text if cfg.chat else cfg.prompt + text) + "\n")

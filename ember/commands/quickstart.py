@@ -1,0 +1,108 @@
+"""The whole pipeline end to end on the bundled Python documentation and code.
+
+    ember quickstart                    # everything under runs/quickstart/
+    ember quickstart --fast             # tiny settings (used by the tests)
+
+Stages run in order, each reading what the earlier ones produced from QuickstartState:
+  1. tokenizer   train a byte-level BPE tokenizer on the bundled prose + code
+  2. model       build the quickstart-10m model for that vocabulary, save it (HF layout) with
+                 the tokenizer, reload it and check the logits round-trip
+Each later lifecycle stage (pretrain, finetune, quantize, serve, rag, eval) appends its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ember.checkpoint.hf import load_model, save_model
+from ember.config import preset
+from ember.data.sources import bundled_documents
+from ember.model.transformer import Transformer
+from ember.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuickstartConfig:
+    """Run every ember stage on the bundled corpus (minutes on a laptop CPU)."""
+
+    out: Path = field(default=Path("runs/quickstart"), metadata={"help": "folder for every artifact"})
+    fast: bool = field(default=False, metadata={"help": "tiny model and data (a smoke test in seconds)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+
+@dataclass
+class QuickstartState:
+    """What the stages have produced so far."""
+
+    cfg: QuickstartConfig
+    tokenizer_dir: Path | None = None
+    model_dir: Path | None = None  # the latest stage's model (HF layout, tokenizer alongside)
+    # stage name -> held-out perplexity, filled by the stages that train or change the model
+    perplexity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        assert self.tokenizer_dir is not None, "the tokenizer stage has not run"
+        return load_tokenizer(self.tokenizer_dir)
+
+
+def stage_tokenizer(state: QuickstartState) -> None:
+    fast = state.cfg.fast
+    vocab = 512 if fast else 8192
+    texts = (d.text for d in bundled_documents(code_bytes=200_000 if fast else 4_000_000))
+    tok = train_tokenizer(texts, vocab_size=vocab, kind="bpe", show_progress=not fast)
+    state.tokenizer_dir = state.cfg.out / "tokenizer"
+    tok.save(state.tokenizer_dir)
+    sample = "def greet(name):\n    return f'Hello, {name}!'"
+    ids = tok.encode(sample)
+    print(f"  vocab {tok.vocab_size}; {len(sample)} chars of code -> {len(ids)} tokens; "
+          f"round-trip exact: {tok.decode(ids) == sample}")
+
+
+def stage_model(state: QuickstartState) -> None:
+    tok = state.tokenizer
+    eos = tuple(i for i in (tok.eos_token_id, tok.token_to_id("<|im_end|>")) if i is not None)
+    cfg = preset("tiny" if state.cfg.fast else "quickstart-10m", vocab_size=tok.vocab_size,
+                 bos_token_id=tok.bos_token_id, eos_token_id=eos)
+    torch.manual_seed(state.cfg.seed)
+    model = Transformer(cfg).eval()
+    out = state.cfg.out / "base"
+    save_model(model, out)
+    tok.save(out)
+    reloaded = load_model(out)
+    ids = torch.tensor([tok.encode("import os\nprint(os.getcwd())")])
+    with torch.no_grad():
+        diff = (model(ids) - reloaded(ids)).abs().max().item()
+    state.model_dir = out
+    print(f"  {cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_layers} layers, d={cfg.hidden_size}, "
+          f"{cfg.num_heads} heads ({cfg.n_kv_heads} kv); saved to {out}; reload max |Δlogit| = {diff:.1e}")
+
+
+STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
+    ("tokenizer", stage_tokenizer),
+    ("model", stage_model),
+]
+
+
+def main(cfg: QuickstartConfig) -> QuickstartState:
+    state = QuickstartState(cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for i, (name, stage) in enumerate(STAGES, 1):
+        t0 = time.perf_counter()
+        print(f"[{i}/{len(STAGES)}] {name}", flush=True)
+        stage(state)
+        print(f"  done in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(f"quickstart finished in {time.perf_counter() - start:.0f}s; artifacts in {cfg.out}")
+    return state
+
+
+CONFIG = QuickstartConfig

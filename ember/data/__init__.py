@@ -1,0 +1,1 @@
+"""Training data: text sources (the bundled corpus among them)."""

@@ -1,0 +1,224 @@
+"""THE model: one decoder-only Transformer for training, fine-tuning, quantization and serving.
+
+Pre-norm blocks (RMSNorm) of attention (MHA/GQA/MQA, optional q/k/v bias, optional sliding
+window, RoPE or ALiBi) and a SwiGLU MLP or a sparse mixture of experts (Mixtral: softmax router,
+top-k of E experts, renormalised weights). Module names are Hugging Face's
+(`model.layers.N.self_attn.q_proj`, `model.layers.N.block_sparse_moe.experts.E.w1`, `lm_head`),
+so HF checkpoints and PEFT adapters map one-to-one onto `state_dict()` keys. LoRA, quantization
+and other variants swap modules in this tree; there is never a second model class.
+
+    model = Transformer(preset("tiny"))
+    logits = model(input_ids)                          # (B, T) -> (B, T, vocab)
+    logits, aux = model(input_ids, return_aux_loss=True)  # MoE load-balancing loss for training
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ember.config import ModelConfig
+from ember.model.attention import AttentionBackend, AttnSpec, causal_attention
+from ember.model.rope import apply_rope, rope_cos_sin
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 and cast back, as HF Llama does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        hd = cfg.d_head
+        self.spec = AttnSpec(layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
+                             head_dim=hd, scale=1.0 / math.sqrt(hd),
+                             sliding_window=cfg.layer_window(layer_idx), alibi=cfg.position == "alibi")
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin | None,
+                attn: AttentionBackend | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        s = self.spec
+        q = self.q_proj(x).view(B, T, s.num_heads, s.head_dim)
+        k = self.k_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
+        v = self.v_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
+        if cos_sin is not None:
+            q, k = apply_rope(q, k, *cos_sin)
+        y = causal_attention(q, k, v, s) if attn is None else attn.attend(q, k, v, s)
+        return self.o_proj(y.reshape(B, T, s.num_heads * s.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One Mixtral expert: the same SwiGLU, under Mixtral's names (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Sparse mixture of experts: each token goes to its top-k experts, weights renormalised."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.intermediate_size)
+                                     for _ in range(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        router_logits = self.gate(x)  # (N, E)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        # Loop over experts that received tokens: each runs one dense matmul on its tokens.
+        for e in chosen.unique().tolist():
+            tok, slot = torch.where(chosen == e)
+            y = self.experts[e](x[tok]) * weights[tok, slot, None]
+            out.index_add_(0, tok, y)
+        return out.reshape(shape), router_logits
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe:
+            self.block_sparse_moe = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin | None,
+                attn: AttentionBackend | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn)
+        h = self.post_attention_layernorm(x)
+        if hasattr(self, "block_sparse_moe"):
+            y, router_logits = self.block_sparse_moe(h)
+            return x + y, router_logits
+        return x + self.mlp(h), None
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # GPT-2's residual scaling: keeps the residual stream's variance flat with depth.
+        resid_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def tie_weights(self) -> None:
+        """Re-share the LM head with the embedding (after loading with `assign=True`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               attn: AttentionBackend | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final-norm hidden states (B, T, D) and the MoE router logits of each layer.
+
+        positions (B, T) are absolute token positions; default 0..T-1 for every row.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos_sin = rope_cos_sin(self.config, positions, x.dtype) if self.config.position == "rope" else None
+        router_logits: list[torch.Tensor] = []
+        for layer in self.model.layers:
+            x, logits = layer(x, cos_sin, attn)
+            if logits is not None:
+                router_logits.append(logits)
+        return self.model.norm(x), router_logits
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attn: AttentionBackend | None = None, *, return_aux_loss: bool = False):
+        """Logits (B, T, vocab); with return_aux_loss also the MoE load-balancing loss."""
+        h, router_logits = self.hidden(input_ids, positions, attn)
+        logits = self.lm_head(h)
+        if not return_aux_loss:
+            return logits
+        return logits, load_balancing_loss(router_logits, self.config)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss: E * sum_e (fraction routed to e) * (mean router prob of e).
+
+    Equals 1.0 (times top_k) when routing is perfectly uniform; 0 for dense models. Multiply by
+    `cfg.router_aux_loss_coef` when adding it to the language-modelling loss.
+    """
+    if not router_logits:
+        return torch.zeros(())
+    logits = torch.cat(router_logits, dim=0).float()  # (layers * N, E)
+    probs = torch.softmax(logits, dim=-1)
+    _, chosen = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)
+    routed = F.one_hot(chosen, cfg.num_experts).float()  # (L*N, k, E)
+    tokens_per_expert = routed.mean(dim=0)  # (k, E)
+    prob_per_expert = probs.mean(dim=0)  # (E,)
+    return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * cfg.num_experts

@@ -1,0 +1,43 @@
+"""Tiny random Hugging Face models of each supported family, built and saved by transformers.
+
+Used as the reference in parity tests: ember must reproduce transformers' logits and
+generations on the same weights. Weights use a larger init than HF's default so logits are
+spread out and greedy decoding is not decided by rounding noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+FAMILIES = {
+    "llama-gqa-llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64})),
+    "llama-linear-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "llama-dynamic-rope-mqa": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=1, max_position_embeddings=16,  # sequences outgrow it: NTK kicks in
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+    "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "mixtral-4x2": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+def make_hf_model(family: str, out: Path, seed: int = 0):
+    """Create a tiny random transformers model of `family`, save it to `out`, return it (eval)."""
+    import transformers
+
+    cfg_name, model_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    model.save_pretrained(out)
+    return model

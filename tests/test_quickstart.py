@@ -1,0 +1,17 @@
+"""`ember quickstart --fast` runs every stage end to end (the full run is `make demo`)."""
+
+from __future__ import annotations
+
+import torch
+
+import ember
+from ember.commands.quickstart import QuickstartConfig, main
+
+
+def test_quickstart_fast_runs_end_to_end(tmp_path) -> None:
+    state = main(QuickstartConfig(out=tmp_path / "qs", fast=True))
+    model = ember.load_model(state.model_dir)
+    tok = ember.load_tokenizer(state.model_dir)
+    ids = tok.encode("print('hello')")
+    assert tok.decode(ids) == "print('hello')"
+    assert model(torch.tensor([ids])).shape == (1, len(ids), tok.vocab_size)
