@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (rolling log-likelihood) and, later, benchmark tasks and judging."""

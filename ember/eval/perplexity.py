@@ -1,0 +1,124 @@
+"""Perplexity of a model over texts by rolling log-likelihood, as lm-evaluation-harness defines it.
+
+Each document is scored whole: its tokens are predicted in windows of at most `max_len`
+tokens; the first token is predicted from a prefix token (EOS/BOS, as the harness uses EOT).
+With `stride == max_len` the windows are disjoint (the harness's `loglikelihood_rolling`);
+a smaller stride gives every later window `max_len - stride` tokens of extra context (the
+sliding-window evaluation of the transformers docs). From the summed log-likelihood:
+
+    token perplexity = exp(-LL / tokens)      word perplexity = exp(-LL / words)
+    byte perplexity  = exp(-LL / bytes)       bits per byte   = -LL / bytes / ln 2
+
+where words = len(re.split(r"\\s+", text)) and bytes = len(text.encode("utf-8")), summed over
+documents (the harness's weighted aggregation).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids -> (B, T, vocab) logits
+
+
+@dataclass
+class PerplexityResult:
+    """Summed log-likelihood with the counts that normalise it."""
+
+    loglikelihood: float = 0.0
+    tokens: int = 0
+    words: int = 0
+    bytes: int = 0
+    documents: int = 0
+
+    @property
+    def token_perplexity(self) -> float:
+        return math.exp(-self.loglikelihood / max(self.tokens, 1))
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(-self.loglikelihood / max(self.words, 1))
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(-self.loglikelihood / max(self.bytes, 1))
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.loglikelihood / max(self.bytes, 1) / math.log(2)
+
+
+def rolling_windows(n: int, max_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """Windows over seq = [prefix] + ids (len n + 1) that predict every one of the n ids once.
+
+    Each item is (start, end, n_pred): feed seq[start:end] (at most max_len tokens) and score
+    its last n_pred predictions, which are ids[end - n_pred : end].
+    """
+    stride = max_len if stride is None else stride
+    if not 0 < stride <= max_len:
+        raise ValueError(f"stride must be in 1..max_len ({max_len}), got {stride}")
+    windows = []
+    done = 0
+    while done < n:
+        end = min(n, done + (max_len if done == 0 else stride))
+        windows.append((max(0, end - max_len), end, end - done))
+        done = end
+    return windows
+
+
+@torch.no_grad()
+def rolling_loglikelihood(logits_fn: LogitsFn, ids: Sequence[int], prefix_id: int, max_len: int,
+                          stride: int | None = None, batch_size: int = 8,
+                          device: torch.device | str = "cpu") -> float:
+    """Sum of log p(ids[i] | prefix, ids[:i]) over the document, scored in rolling windows."""
+    seq = torch.tensor([prefix_id, *ids], dtype=torch.long)
+    windows = rolling_windows(len(ids), max_len, stride)
+    total = 0.0
+    for b in range(0, len(windows), batch_size):
+        chunk = windows[b:b + batch_size]
+        width = max(end - start for start, end, _ in chunk)
+        batch = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, (start, end, _) in enumerate(chunk):
+            batch[row, :end - start] = seq[start:end]  # right padding never affects earlier positions
+        logprobs = F.log_softmax(logits_fn(batch.to(device)).float(), dim=-1).cpu()
+        for row, (start, end, n_pred) in enumerate(chunk):
+            length = end - start
+            targets = seq[end - n_pred + 1:end + 1]  # ids[end-n_pred:end], shifted by the prefix
+            preds = logprobs[row, length - n_pred:length]
+            total += preds.gather(-1, targets.unsqueeze(-1)).sum().item()
+    return total
+
+
+def perplexity(logits_fn: LogitsFn, encode: Callable[[str], list[int]], texts: Iterable[str],
+               prefix_id: int, max_len: int, stride: int | None = None, batch_size: int = 8,
+               device: torch.device | str = "cpu") -> PerplexityResult:
+    """Rolling perplexity over documents; empty documents are skipped."""
+    result = PerplexityResult()
+    for text in texts:
+        ids = encode(text)
+        if not ids:
+            continue
+        result.loglikelihood += rolling_loglikelihood(logits_fn, ids, prefix_id, max_len, stride,
+                                                      batch_size, device)
+        result.tokens += len(ids)
+        result.words += len(re.split(r"\s+", text))
+        result.bytes += len(text.encode("utf-8"))
+        result.documents += 1
+    return result
+
+
+def model_perplexity(model: torch.nn.Module, tokenizer, texts: Iterable[str], max_len: int | None = None,
+                     stride: int | None = None, batch_size: int = 8) -> PerplexityResult:
+    """Perplexity of an ember model with its tokenizer (windows default to the model's context)."""
+    cfg = model.config
+    prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if prefix is None:
+        raise ValueError("perplexity needs a tokenizer with an EOS or BOS token to predict the first token")
+    device = next(model.parameters()).device
+    return perplexity(model, lambda s: tokenizer.encode(s, add_special_tokens=False), texts, prefix,
+                      max_len or cfg.max_position_embeddings, stride, batch_size, device)
