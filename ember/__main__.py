@@ -21,6 +21,7 @@ from ember.errors import EmberError
 VERBS: dict[str, str] = {
     "tokenizer": "train a byte-level BPE or Unigram tokenizer on text files or the bundled corpus",
     "generate": "continue a prompt with a model (naive reference decoder)",
+    "eval": "evaluate a model or an OpenAI-compatible server: perplexity, MMLU, GSM8K, TruthfulQA, MT-Bench",
     "quickstart": "run the whole pipeline end to end on the bundled Python docs and code",
 }
 

@@ -7,7 +7,9 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
   1. tokenizer   train a byte-level BPE tokenizer on the bundled prose + code
   2. model       build the quickstart-10m model for that vocabulary, save it (HF layout) with
                  the tokenizer, reload it and check the logits round-trip
-Each later lifecycle stage (pretrain, finetune, quantize, serve, rag, eval) appends its own.
+  ...            each lifecycle stage (pretrain, finetune, quantize, serve, rag) adds its own
+  eval (last)    one table: the held-out perplexity each stage recorded in state.perplexity,
+                 and the latest model on the bundled MMLU-style sample
 """
 
 from __future__ import annotations
@@ -86,9 +88,17 @@ def stage_model(state: QuickstartState) -> None:
           f"{cfg.num_heads} heads ({cfg.n_kv_heads} kv); saved to {out}; reload max |Δlogit| = {diff:.1e}")
 
 
+def stage_eval(state: QuickstartState) -> None:
+    from ember.eval.report import lifecycle_report
+
+    assert state.model_dir is not None, "the model stage has not run"
+    print(lifecycle_report(state.perplexity, state.model_dir))
+
+
 STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
     ("tokenizer", stage_tokenizer),
     ("model", stage_model),
+    ("eval", stage_eval),  # stays last: it reports on every earlier stage's model
 ]
 
 

@@ -1,7 +1,7 @@
 """Perplexity of a model over texts by rolling log-likelihood, as lm-evaluation-harness defines it.
 
 Each document is scored whole: its tokens are predicted in windows of at most `max_len`
-tokens; the first token is predicted from a prefix token (EOS/BOS, as the harness uses EOT).
+tokens; the first token is predicted from a prefix token (BOS, else EOS, as the harness does).
 With `stride == max_len` the windows are disjoint (the harness's `loglikelihood_rolling`);
 a smaller stride gives every later window `max_len - stride` tokens of extra context (the
 sliding-window evaluation of the transformers docs). From the summed log-likelihood:
@@ -21,9 +21,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids -> (B, T, vocab) logits
+from ember.eval.loglikelihood import LogitsFn, Span, prefix_token_id, score_spans
+
+
+def count_words(text: str) -> int:
+    return len(re.split(r"\s+", text))
+
+
+def count_bytes(text: str) -> int:
+    return len(text.encode("utf-8"))
 
 
 @dataclass
@@ -35,6 +42,14 @@ class PerplexityResult:
     words: int = 0
     bytes: int = 0
     documents: int = 0
+
+    def add(self, text: str, loglikelihood: float, tokens: int) -> None:
+        """Count one document scored as `loglikelihood` over `tokens` tokens."""
+        self.loglikelihood += loglikelihood
+        self.tokens += tokens
+        self.words += count_words(text)
+        self.bytes += count_bytes(text)
+        self.documents += 1
 
     @property
     def token_perplexity(self) -> float:
@@ -71,27 +86,18 @@ def rolling_windows(n: int, max_len: int, stride: int | None = None) -> list[tup
     return windows
 
 
-@torch.no_grad()
+def rolling_spans(ids: Sequence[int], prefix_id: int, max_len: int, stride: int | None = None) -> list[Span]:
+    """The spans (see ember.eval.loglikelihood) that predict every id of a document once."""
+    seq = [prefix_id, *ids]
+    return [Span(tuple(seq[start:end + 1]), n_pred) for start, end, n_pred in rolling_windows(len(ids), max_len, stride)]
+
+
 def rolling_loglikelihood(logits_fn: LogitsFn, ids: Sequence[int], prefix_id: int, max_len: int,
                           stride: int | None = None, batch_size: int = 8,
                           device: torch.device | str = "cpu") -> float:
     """Sum of log p(ids[i] | prefix, ids[:i]) over the document, scored in rolling windows."""
-    seq = torch.tensor([prefix_id, *ids], dtype=torch.long)
-    windows = rolling_windows(len(ids), max_len, stride)
-    total = 0.0
-    for b in range(0, len(windows), batch_size):
-        chunk = windows[b:b + batch_size]
-        width = max(end - start for start, end, _ in chunk)
-        batch = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, (start, end, _) in enumerate(chunk):
-            batch[row, :end - start] = seq[start:end]  # right padding never affects earlier positions
-        logprobs = F.log_softmax(logits_fn(batch.to(device)).float(), dim=-1).cpu()
-        for row, (start, end, n_pred) in enumerate(chunk):
-            length = end - start
-            targets = seq[end - n_pred + 1:end + 1]  # ids[end-n_pred:end], shifted by the prefix
-            preds = logprobs[row, length - n_pred:length]
-            total += preds.gather(-1, targets.unsqueeze(-1)).sum().item()
-    return total
+    spans = rolling_spans(ids, prefix_id, max_len, stride)
+    return sum(ll for ll, _ in score_spans(logits_fn, spans, batch_size, device))
 
 
 def perplexity(logits_fn: LogitsFn, encode: Callable[[str], list[int]], texts: Iterable[str],
@@ -103,12 +109,8 @@ def perplexity(logits_fn: LogitsFn, encode: Callable[[str], list[int]], texts: I
         ids = encode(text)
         if not ids:
             continue
-        result.loglikelihood += rolling_loglikelihood(logits_fn, ids, prefix_id, max_len, stride,
-                                                      batch_size, device)
-        result.tokens += len(ids)
-        result.words += len(re.split(r"\s+", text))
-        result.bytes += len(text.encode("utf-8"))
-        result.documents += 1
+        result.add(text, rolling_loglikelihood(logits_fn, ids, prefix_id, max_len, stride, batch_size, device),
+                   len(ids))
     return result
 
 
@@ -116,9 +118,7 @@ def model_perplexity(model: torch.nn.Module, tokenizer, texts: Iterable[str], ma
                      stride: int | None = None, batch_size: int = 8) -> PerplexityResult:
     """Perplexity of an ember model with its tokenizer (windows default to the model's context)."""
     cfg = model.config
-    prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    if prefix is None:
-        raise ValueError("perplexity needs a tokenizer with an EOS or BOS token to predict the first token")
+    prefix = prefix_token_id(tokenizer)
     device = next(model.parameters()).device
     return perplexity(model, lambda s: tokenizer.encode(s, add_special_tokens=False), texts, prefix,
                       max_len or cfg.max_position_embeddings, stride, batch_size, device)
