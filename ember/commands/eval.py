@@ -40,20 +40,20 @@ class EvalConfig:
     base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible server to evaluate instead, e.g. http://127.0.0.1:8000"})
     served_model: str | None = field(default=None, metadata={
-        "help": "model name to send to the server (default: the first of its /v1/models)"})
+        "help": "model name to send to the server; unset: the first of its /v1/models"})
     tokenizer: Path | None = field(default=None, metadata={
-        "help": "tokenizer folder (default: --model; with --base-url needed for log-likelihood tasks)"})
+        "help": "tokenizer folder; unset: --model's; with --base-url, needed for log-likelihood tasks"})
     data: Path | None = field(default=None, metadata={
-        "help": "benchmark file or folder in the public format (default: ember's sample set)"})
+        "help": "benchmark file or folder in the public format; unset: ember's sample set"})
     num_fewshot: int | None = field(default=None, metadata={
-        "help": "few-shot examples (default: the task's: mmlu 0, gsm8k 5)"})
+        "help": "few-shot examples; unset: the task's (mmlu 0, gsm8k 5)"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N items"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward / prompts per request"})
     max_tokens: int = field(default=256, metadata={"help": "generation budget per answer (gsm8k, mtbench)"})
     max_len: int | None = field(default=None, metadata={
-        "help": "tokens per forward (default: the model's context, or the server's max_model_len - 2)"})
+        "help": "tokens per forward; unset: the model's context, or the server's max_model_len - 2"})
     stride: int | None = field(default=None, metadata={
-        "help": "perplexity window stride (default: max_len, disjoint windows as the harness)"})
+        "help": "perplexity window stride; unset: max_len (disjoint windows, as the harness)"})
     chat: bool = field(default=False, metadata={"help": "gsm8k: send the prompt through the chat template"})
     mmlu_style: Literal["letters", "continuation"] = field(default="letters", metadata={
         "help": "mmlu: score the letters (mmlu) or the answer texts (mmlu_continuation)"})

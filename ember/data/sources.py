@@ -88,8 +88,8 @@ def _read_text(path: Path) -> str | None:
     return None
 
 
-def jsonl_documents(path: Path, text_field: str = "text") -> Iterator[Document]:
-    """Documents from a jsonl file; a malformed line is an error naming the file and line."""
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a jsonl file; a malformed line is an error."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -98,10 +98,18 @@ def jsonl_documents(path: Path, text_field: str = "text") -> Iterator[Document]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataSourceError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise DataSourceError(f"{path}:{lineno}: expected an object with a string field {text_field!r}")
-            if record[text_field].strip():
-                yield Document(f"{path}:{lineno}", record[text_field])
+            if not isinstance(record, dict):
+                raise DataSourceError(f"{path}:{lineno}: expected a JSON object per line")
+            yield lineno, record
+
+
+def jsonl_documents(path: Path, text_field: str = "text") -> Iterator[Document]:
+    """Documents from a jsonl file; a malformed line is an error naming the file and line."""
+    for lineno, record in jsonl_records(path):
+        if not isinstance(record.get(text_field), str):
+            raise DataSourceError(f"{path}:{lineno}: expected an object with a string field {text_field!r}")
+        if record[text_field].strip():
+            yield Document(f"{path}:{lineno}", record[text_field])
 
 
 def path_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[Document]:

@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ember.errors import EmberError
+from ember.data.sources import DataSourceError, jsonl_records
 
 SAMPLE_DIR = Path(__file__).parent / "data"
 
 
-class EvalDataError(EmberError):
+class EvalDataError(DataSourceError):
     """A benchmark file that is missing or not in the expected format."""
 
 
@@ -36,29 +36,16 @@ def existing(path: str | Path, what: str) -> Path:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Objects from a .jsonl file (one per line) or a .json file holding a list of objects."""
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.suffix != ".json":
+            return [record for _, record in jsonl_records(path)]
+        data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise EvalDataError(f"{path} is not UTF-8 text") from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise EvalDataError(f"{path}: expected a JSON list of objects")
-        return data
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise EvalDataError(f"{path}:{lineno}: expected a JSON object per line")
-        records.append(record)
-    return records
+    except json.JSONDecodeError as e:
+        raise EvalDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise EvalDataError(f"{path}: expected a JSON list of objects")
+    return data
 
 
 def require(record: dict[str, Any], key: str, kind: type, where: str) -> Any:
