@@ -89,7 +89,8 @@ def rolling_windows(n: int, max_len: int, stride: int | None = None) -> list[tup
 def rolling_spans(ids: Sequence[int], prefix_id: int, max_len: int, stride: int | None = None) -> list[Span]:
     """The spans (see ember.eval.loglikelihood) that predict every id of a document once."""
     seq = [prefix_id, *ids]
-    return [Span(tuple(seq[start:end + 1]), n_pred) for start, end, n_pred in rolling_windows(len(ids), max_len, stride)]
+    windows = rolling_windows(len(ids), max_len, stride)
+    return [Span(tuple(seq[start:end + 1]), n_pred) for start, end, n_pred in windows]
 
 
 def rolling_loglikelihood(logits_fn: LogitsFn, ids: Sequence[int], prefix_id: int, max_len: int,
