@@ -124,7 +124,12 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
     """Load a Hugging Face (llama/mistral/qwen2/mixtral) or ember model folder as a Transformer."""
     folder = model_dir(path)
     torch_dtype = resolve_dtype(dtype)
-    cfg = config_from_hf(read_json(folder / "config.json"))
+    hf_cfg = read_json(folder / "config.json")
+    cfg = config_from_hf(hf_cfg)
+    if hf_cfg.get("quantization_config"):
+        from ember.quant.checkpoint import load_quantized  # only quantized checkpoints need it
+
+        return load_quantized(folder, cfg, hf_cfg["quantization_config"], torch_dtype, device)
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.state_dict())
@@ -179,5 +184,8 @@ def save_model(model: Transformer, out_dir: str | os.PathLike,
     for stale in out.glob("model-*-of-*.safetensors"):
         if stale.name not in names:
             stale.unlink()
-    atomic_write_json(out / "config.json", config_to_hf(model.config, dtype_name))
+    hf_cfg = config_to_hf(model.config, dtype_name)
+    if getattr(model, "quantization_config", None):  # set by ember.quant on quantized models
+        hf_cfg["quantization_config"] = model.quantization_config
+    atomic_write_json(out / "config.json", hf_cfg)
     return out

@@ -1,0 +1,127 @@
+"""Calibration data and block-by-block execution for the methods that look at activations.
+
+GPTQ and AWQ need what each linear layer actually sees: calibration text is tokenized into
+`n_samples` windows of `seq_len` tokens, embedded once, and pushed through the transformer one
+block at a time (`BlockRunner`), so a block's inputs can reflect the already-quantized blocks
+before it and memory holds one block's activations, never the whole model's.
+
+Text comes from the bundled corpus (its training documents, never the held-out ones that
+perplexity is measured on) or from the user's files:
+
+    ids = calibration_ids(tok, ["bundled"], n_samples=128, seq_len=512)
+    runner = BlockRunner(model, ids)
+    for layer in model.model.layers:
+        ... hooks on layer's linears ...; runner.run(layer); runner.advance(layer)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from ember.data.sources import Document, documents
+from ember.errors import EmberError
+from ember.model.rope import rope_cos_sin
+from ember.model.transformer import Transformer
+
+# Share of the bundled documents held out for evaluation (the pretraining pipeline's split).
+VAL_FRACTION = 0.02
+
+
+class CalibrationError(EmberError):
+    """Calibration data that cannot give the requested samples."""
+
+
+def holdout_key(text: str) -> float:
+    """A uniform number in [0, 1) from a document's text; below VAL_FRACTION means held out."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_documents(spec: list[str], held_out: bool, code_bytes: int | None = 4_000_000) -> Iterator[Document]:
+    """Documents of `spec` ("bundled" and/or paths). For the bundled corpus, only its training
+    documents (held_out=False) or only its held-out ones (held_out=True); user files whole."""
+    bundled = "bundled" in spec
+    if bundled:
+        for doc in documents(["bundled"], code_bytes=code_bytes):
+            if (holdout_key(doc.text) < VAL_FRACTION) == held_out:
+                yield doc
+    paths = [s for s in spec if s != "bundled"]
+    if paths:
+        yield from documents(paths)
+
+
+def calibration_ids(tokenizer, data: list[str], n_samples: int = 128, seq_len: int = 512,
+                    seed: int = 0) -> torch.Tensor:
+    """(n_samples, seq_len) token windows drawn at random from the documents joined by EOS."""
+    if n_samples < 1 or seq_len < 2:
+        raise CalibrationError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
+    docs = [d.text for d in split_documents(data, held_out=False)]
+    rng = random.Random(seed)
+    rng.shuffle(docs)
+    eos = tokenizer.eos_token_id
+    want = 2 * n_samples * seq_len  # enough text that windows rarely overlap
+    stream: list[int] = []
+    for text in docs:
+        stream += tokenizer.encode(text, add_special_tokens=False)
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= want:
+            break
+    if len(stream) <= seq_len:
+        raise CalibrationError(f"calibration data {data} holds {len(stream)} tokens; "
+                               f"need more than seq_len={seq_len} (use a smaller --calib-seq-len or more text)")
+    starts = [rng.randrange(len(stream) - seq_len) for _ in range(n_samples)]
+    return torch.tensor([stream[s:s + seq_len] for s in starts], dtype=torch.long)
+
+
+class BlockRunner:
+    """The hidden states entering the current block for every calibration sample.
+
+    `run(block)` returns the block's outputs (without changing the state); `advance(block)`
+    replaces the state by them, typically after the block has been quantized.
+    """
+
+    def __init__(self, model: Transformer, input_ids: torch.Tensor, batch_size: int = 16) -> None:
+        self.batch_size = batch_size
+        cfg = model.config
+        T = input_ids.shape[1]
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            self.hidden = model.model.embed_tokens(input_ids.to(device)).float()
+        self.cos_sin = None
+        if cfg.position == "rope":
+            self.cos_sin = rope_cos_sin(cfg, torch.arange(T, device=device).unsqueeze(0), torch.float32)
+
+    @torch.no_grad()
+    def run(self, block: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.hidden if hidden is None else hidden
+        outs = [block(x[i:i + self.batch_size], self.cos_sin, None)[0] for i in range(0, len(x), self.batch_size)]
+        return torch.cat(outs)
+
+    def advance(self, block: nn.Module) -> None:
+        self.hidden = self.run(block)
+
+
+class InputCapture:
+    """Forward pre-hooks that hand every input of the given modules to a callback.
+
+        with InputCapture({"q": q_proj}, lambda name, x: ...): runner.run(layer)
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], callback) -> None:
+        self.modules, self.callback, self.handles = modules, callback, []
+
+    def __enter__(self) -> "InputCapture":
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_pre_hook(
+                lambda _m, args, name=name: self.callback(name, args[0].detach())))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
