@@ -22,6 +22,8 @@ VERBS: dict[str, str] = {
     "tokenizer": "train a byte-level BPE or Unigram tokenizer on text files or the bundled corpus",
     "generate": "continue a prompt with a model (naive reference decoder)",
     "eval": "evaluate a model or an OpenAI-compatible server: perplexity, MMLU, GSM8K, TruthfulQA, MT-Bench",
+    "quantize": "quantize a model (int8, nf4, rtn, gptq, awq) and compare size, perplexity and speed",
+    "export": "export a model to GGUF for llama.cpp (f32, f16, q8_0, q4_0)",
     "quickstart": "run the whole pipeline end to end on the bundled Python docs and code",
 }
 

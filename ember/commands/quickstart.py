@@ -7,6 +7,7 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
   1. tokenizer   train a byte-level BPE tokenizer on the bundled prose + code
   2. model       build the quickstart-10m model for that vocabulary, save it (HF layout) with
                  the tokenizer, reload it and check the logits round-trip
+  3. quantize    GPTQ 4-bit of the latest model; size, held-out perplexity, decode speed vs fp32
   ...            each lifecycle stage (pretrain, finetune, quantize, serve, rag) adds its own
   eval (last)    one table: the held-out perplexity each stage recorded in state.perplexity,
                  and the latest model on the bundled MMLU-style sample
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ember.checkpoint.hf import load_model, save_model
+from ember.commands.quantize import stage_quantize
 from ember.config import preset
 from ember.data.sources import bundled_documents
 from ember.model.transformer import Transformer
@@ -47,6 +49,7 @@ class QuickstartState:
     cfg: QuickstartConfig
     tokenizer_dir: Path | None = None
     model_dir: Path | None = None  # the latest stage's model (HF layout, tokenizer alongside)
+    quantized_dir: Path | None = None  # the quantize stage's GPTQ model
     # stage name -> held-out perplexity, filled by the stages that train or change the model
     perplexity: dict[str, float] = field(default_factory=dict)
 
@@ -98,6 +101,7 @@ def stage_eval(state: QuickstartState) -> None:
 STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
     ("tokenizer", stage_tokenizer),
     ("model", stage_model),
+    ("quantize", stage_quantize),
     ("eval", stage_eval),  # stays last: it reports on every earlier stage's model
 ]
 

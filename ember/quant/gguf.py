@@ -1,0 +1,174 @@
+"""GGUF export for llama.cpp, written through the `gguf` package (llama.cpp's own Python writer).
+
+    export_gguf(model, tokenizer, "model.gguf", "q8_0")       # or f32, f16, q4_0
+    ember export --format gguf --type q8_0 --model runs/quickstart/base --out model.gguf
+
+What llama.cpp needs from us:
+  * tensor names from gguf's HF -> GGUF name map for the architecture (token_embd,
+    blk.N.attn_q, ffn_gate, output_norm, ...); a tied LM head is omitted (llama.cpp reuses
+    token_embd);
+  * for the `llama` architecture, q_proj / k_proj rows permuted from Hugging Face's rotate-half
+    RoPE layout back to the interleaved-pairs layout llama.cpp rotates (as its converter does);
+    `qwen2` uses rotate-half (NeoX) RoPE itself and takes them unchanged;
+  * hyperparameters under `<arch>.*` keys and the byte-level BPE tokenizer (`gpt2` model,
+    GPT-2 pre-tokenizer, tokens, merges, token types, special ids, chat template);
+  * 2-D weights in the chosen type (q8_0 / q4_0 blocks of 32 along a row; rows whose length is not
+    a multiple of 32 fall back to f16), 1-D norms and biases in f32.
+Quantized ember models are dequantized first. Mixtral, ALiBi and sliding-window models have no
+counterpart here and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from ember.atomic import atomic_path
+from ember.errors import EmberError
+from ember.model.transformer import Transformer
+from ember.quant.linear import QUANT_LINEARS
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+class ExportError(EmberError):
+    """A model or tokenizer that cannot be written in the requested format."""
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from rotate-half order to interleaved pairs, per head.
+
+    Within a head of dim D, HF row i < D/2 pairs with row i + D/2; llama.cpp wants them at
+    rows 2i and 2i + 1.
+    """
+    out = w.shape[0]
+    return w.reshape(n_heads, 2, out // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dense_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every weight in fp32, quantized layers dequantized, under Hugging Face names."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QUANT_LINEARS):
+            state[f"{name}.weight"] = module.dequantize(torch.float32)
+            if getattr(module, "bias", None) is not None:
+                state[f"{name}.bias"] = module.bias.detach().float()
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            state[f"{name}.{pname}" if name else pname] = p.detach().float()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _arch(model: Transformer):
+    import gguf
+
+    cfg = model.config
+    if cfg.is_moe or cfg.position != "rope" or cfg.sliding_window is not None:
+        raise ExportError("GGUF export supports dense RoPE models without a sliding window "
+                          "(llama and qwen2 families)")
+    if cfg.rope_scaling.rope_type not in ("default", "linear"):
+        raise ExportError(f"GGUF export does not support {cfg.rope_scaling.rope_type!r} RoPE scaling yet "
+                          "(default and linear are supported)")
+    return gguf.MODEL_ARCH.QWEN2 if cfg.attention_bias else gguf.MODEL_ARCH.LLAMA
+
+
+def _tensor_type(t: np.ndarray, kind: str):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if t.ndim == 1 or kind == "f32":
+        return T.F32
+    if kind == "f16" or t.shape[-1] % 32:
+        return T.F16
+    return T.Q8_0 if kind == "q8_0" else T.Q4_0
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Byte-level BPE vocabulary, merges, token types and special ids in llama.cpp's keys."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ExportError(f"GGUF export needs a byte-level BPE tokenizer, this one is {model.get('type')!r}")
+    vocab = dict(model["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    special = set(tokenizer.all_special_ids) | {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, idx in vocab.items():
+        if idx < vocab_size:
+            tokens[idx] = text
+            types[idx] = gguf.TokenType.CONTROL if idx in special else gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, idx in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                        (writer.add_eos_token_id, tokenizer.eos_token_id),
+                        (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if idx is not None:
+            setter(idx)
+    writer.add_add_bos_token(False)  # ember's tokenizers add no BOS when encoding
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def export_gguf(model: Transformer, tokenizer, out: str | os.PathLike, kind: str = "f16",
+                name: str = "ember") -> Path:
+    """Write model + tokenizer as one GGUF file (atomically); returns its path."""
+    import gguf
+
+    if kind not in GGUF_TYPES:
+        raise ExportError(f"unknown GGUF type {kind!r}; choose one of {', '.join(GGUF_TYPES)}")
+    arch = _arch(model)
+    cfg = model.config
+    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind]
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_name(name)
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.num_layers)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_heads)
+        writer.add_head_count_kv(cfg.n_kv_heads)
+        writer.add_key_length(cfg.d_head)
+        writer.add_value_length(cfg.d_head)
+        writer.add_rope_dimension_count(cfg.d_head)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        if cfg.rope_scaling.rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(writer, tokenizer, cfg.vocab_size)
+        for hf_name, t in dense_state_dict(model).items():
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ExportError(f"no GGUF name for tensor {hf_name!r}")
+            if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("q_proj.weight"):
+                t = permute_rope_rows(t, cfg.num_heads)
+            elif arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("k_proj.weight"):
+                t = permute_rope_rows(t, cfg.n_kv_heads)
+            data = t.numpy()
+            qtype = _tensor_type(data, kind)
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
