@@ -38,6 +38,14 @@ class ExportError(EmberError):
     """A model or tokenizer that cannot be written in the requested format."""
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("GGUF export needs the gguf package: pip install 'ember[quant]'") from None
+    return gguf
+
+
 def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of a q/k projection from rotate-half order to interleaved pairs, per head.
 
@@ -65,7 +73,7 @@ def dense_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def _arch(model: Transformer):
-    import gguf
+    gguf = _gguf()
 
     cfg = model.config
     if cfg.is_moe or cfg.position != "rope" or cfg.sliding_window is not None:
@@ -78,7 +86,7 @@ def _arch(model: Transformer):
 
 
 def _tensor_type(t: np.ndarray, kind: str):
-    import gguf
+    gguf = _gguf()
 
     T = gguf.GGMLQuantizationType
     if t.ndim == 1 or kind == "f32":
@@ -90,7 +98,7 @@ def _tensor_type(t: np.ndarray, kind: str):
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """Byte-level BPE vocabulary, merges, token types and special ids in llama.cpp's keys."""
-    import gguf
+    gguf = _gguf()
 
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model", {})
@@ -125,7 +133,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 def export_gguf(model: Transformer, tokenizer, out: str | os.PathLike, kind: str = "f16",
                 name: str = "ember") -> Path:
     """Write model + tokenizer as one GGUF file (atomically); returns its path."""
-    import gguf
+    gguf = _gguf()
 
     if kind not in GGUF_TYPES:
         raise ExportError(f"unknown GGUF type {kind!r}; choose one of {', '.join(GGUF_TYPES)}")
