@@ -75,12 +75,14 @@ def bench_speed(base: Transformer, tokens: int, rounds: int) -> None:
         print(f"{name:<22} {med:>8.1f} {med / ref:>7.2f}x   " + " ".join(f"{v:.0f}" for v in vals))
 
 
-def bench_quality(model_dir: Path, eval_tokens: int, calib_samples: int, seq_len: int) -> None:
+def bench_quality(model_dir: Path, eval_tokens: int, calib_samples: int, seq_len: int,
+                  decode_tokens: int = 32) -> None:
     tok = ember.load_tokenizer(model_dir)
     base = ember.load_model(model_dir)
     texts = heldout_texts(tok, ["bundled"], eval_tokens)
     calib = calibration_ids(tok, ["bundled"], calib_samples, seq_len)
-    rows = [measure(base, tok, texts, "fp32", seq_len)]
+    rows = [measure(base, tok, texts, "fp32", seq_len, decode_tokens=decode_tokens)]
+    print(format_table(rows), flush=True)
     settings = [("int8", {}), ("nf4", {}), ("rtn-4b-g128", dict(method="rtn", bits=4)),
                 ("gptq-4b-g128", dict(method="gptq", bits=4)), ("awq-4b-g128", dict(method="awq", bits=4)),
                 ("rtn-3b-g128", dict(method="rtn", bits=3)), ("gptq-3b-g128", dict(method="gptq", bits=3)),
@@ -90,8 +92,10 @@ def bench_quality(model_dir: Path, eval_tokens: int, calib_samples: int, seq_len
         qcfg = QuantConfig(**(kw or {"method": label}))
         model = quantize_model(copy.deepcopy(base), qcfg, calib)
         spent = time.perf_counter() - t0
-        rows.append(measure(model, tok, texts, label, seq_len, baseline=rows[0]))
-        print(f"  {label}: quantized in {spent:.0f}s", flush=True)
+        rows.append(measure(model, tok, texts, label, seq_len, decode_tokens=decode_tokens, baseline=rows[0]))
+        print(format_table(rows[-1:]).splitlines()[-1] + f"   (quantized in {spent:.0f}s)", flush=True)
+    print(f"held-out: {sum(len(tok.encode(t)) for t in texts)} tokens in {len(texts)} documents; "
+          f"calibration: {calib_samples} x {seq_len} tokens")
     print(format_table(rows))
 
 
@@ -102,18 +106,24 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quality", action="store_true", help="also the perplexity / size table (needs --model)")
+    p.add_argument("--skip-speed", action="store_true", help="only the quality table")
+    p.add_argument("--quality-decode-tokens", type=int, default=32, help="decode tokens timed per row (0: skip)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--eval-tokens", type=int, default=50_000)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = ember.load_model(args.model) if args.model else Transformer(preset(args.preset)).eval()
     print(f"model: {args.model or args.preset}, {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters")
-    bench_speed(base, args.tokens, args.rounds)
+    if not args.skip_speed:
+        bench_speed(base, args.tokens, args.rounds)
     if args.quality:
         if args.model is None:
             p.error("--quality needs --model (a trained model folder with its tokenizer)")
-        bench_quality(args.model, args.eval_tokens, args.calib_samples, args.seq_len)
+        bench_quality(args.model, args.eval_tokens, args.calib_samples, args.seq_len, args.quality_decode_tokens)
 
 
 if __name__ == "__main__":

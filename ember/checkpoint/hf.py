@@ -6,7 +6,9 @@
 Loading builds the model on the meta device and assigns each tensor straight from the
 safetensors file (one copy of the weights, never pickle), in fp32, bf16 or fp16. Single-file
 and sharded (`model.safetensors.index.json`) checkpoints both load. Saving writes every file
-atomically and shards above `max_shard_bytes`.
+atomically and shards above `max_shard_bytes`. A config.json with a `quantization_config`
+(GPTQ, AWQ, bitsandbytes) loads through `ember.quant.checkpoint`; a quantized model's
+`quantization_config` attribute is written back into config.json on save.
 """
 
 from __future__ import annotations
