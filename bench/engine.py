@@ -1,0 +1,198 @@
+"""Serving-engine benchmarks: ember's paged engine against baselines measured in the same run.
+
+    PYTHONPATH=. python bench/engine.py                       # all four (~15 min on 2 busy cores)
+    PYTHONPATH=. python bench/engine.py --only throughput decode --threads 2
+
+1. throughput   64 requests (prompts 32-512, outputs 32-256 tokens, ignore_eos) on the
+                bench-50m model (random weights): output tokens/s of LLM.generate versus
+                transformers' generate in static, left-padded batches of --hf-batch requests
+                (each batch decodes until its longest request is done; only requested tokens count).
+2. decode       batch-1 decode tokens/s versus the memory-bandwidth roofline: weight bytes per
+                token over the bandwidth of a large tensor copy (STREAM convention: bytes read +
+                written per second), measured here.
+3. prefix       32 requests sharing a 1,024-token prefix submitted together: mean time to first
+                token with prefix caching versus without.
+4. concurrency  256 simultaneous streams through AsyncLLMEngine with a 0.5 GiB KV pool: all must
+                finish; reports failures, preemptions and the peak resident memory.
+Timings on a shared machine vary; ratios are within one run. --threads sets torch's threads
+for ember and the baselines alike (1 is steadier when other jobs share the cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ember.checkpoint.hf import save_model  # noqa: E402
+from ember.config import preset  # noqa: E402
+from ember.engine import LLM, AsyncLLMEngine, SamplingParams  # noqa: E402
+from ember.engine.config import weight_bytes  # noqa: E402
+from ember.model.transformer import Transformer  # noqa: E402
+
+
+def make_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset("bench-50m")).eval()
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(3, 32000) for _ in range(rng.randint(32, 512))], rng.randint(32, 256))
+            for _ in range(n)]
+
+
+def bench_throughput(model: Transformer, args: argparse.Namespace) -> None:
+    import transformers
+
+    reqs = workload(args.requests)
+    useful = sum(o for _, o in reqs)
+    llm = LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512, kv_cache_memory=4.0)
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
+    t = time.perf_counter()
+    outs = llm.generate([p for p, _ in reqs], params)
+    ember_s = time.perf_counter() - t
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == useful
+    print(f"[throughput] ember: {useful} tokens in {ember_s:.1f}s = {useful / ember_s:.1f} tok/s "
+          f"(max_num_seqs={args.max_num_seqs}, preemptions={llm.engine.scheduler.num_preemptions})", flush=True)
+    del llm
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    t = time.perf_counter()
+    for i in range(0, len(reqs), args.hf_batch):
+        batch = reqs[i:i + args.hf_batch]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        new = max(o for _, o in batch)
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                        eos_token_id=None, pad_token_id=0)
+    hf_s = time.perf_counter() - t
+    print(f"[throughput] transformers generate, static batches of {args.hf_batch}: {useful} tokens in "
+          f"{hf_s:.1f}s = {useful / hf_s:.1f} tok/s", flush=True)
+    print(f"[throughput] RATIO ember / transformers = {hf_s / ember_s:.2f}x (target >= 5x)", flush=True)
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(7):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best  # bytes read + written per second
+
+
+def bench_decode(model: Transformer, args: argparse.Namespace) -> None:
+    llm = LLM(model, max_num_seqs=1, kv_cache_memory=0.5)
+    prompt = list(range(100, 132))
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm up
+    rates = []
+    for _ in range(3):
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True))[0]
+        m = out.metrics
+        rates.append((args.decode_tokens - 1) / (m.finished_time - m.first_token_time))
+        bw = copy_bandwidth()
+    wb = weight_bytes(model)
+    roof = bw / wb
+    best = max(rates)
+    print(f"[decode] batch-1 decode: {best:.1f} tok/s (runs: {', '.join(f'{r:.1f}' for r in rates)}); "
+          f"weights {wb / 2**20:.0f} MiB; copy bandwidth {bw / 1e9:.1f} GB/s -> roofline {roof:.1f} tok/s", flush=True)
+    print(f"[decode] RATIO ember / roofline = {best / roof:.0%} (target >= 60%)", flush=True)
+
+
+def bench_prefix(model: Transformer, args: argparse.Namespace) -> None:
+    rng = random.Random(1)
+    prefix = [rng.randrange(3, 32000) for _ in range(1024)]
+    prompts = [prefix + [rng.randrange(3, 32000) for _ in range(16)] for _ in range(32)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ttft = {}
+    for caching in (True, False):
+        llm = LLM(model, max_num_seqs=32, max_num_batched_tokens=512, kv_cache_memory=2.0,
+                  enable_prefix_caching=caching)
+        outs = llm.generate(prompts, params)
+        ttft[caching] = sum(o.metrics.first_token_time - o.metrics.arrival_time for o in outs) / len(outs)
+        stats = llm.engine.stats()
+        print(f"[prefix] caching {'on ' if caching else 'off'}: mean TTFT {ttft[caching]:.2f}s; "
+              f"prefix cache hits {stats.prefix_cache_hits}/{stats.prefix_cache_queries} tokens", flush=True)
+        del llm
+    print(f"[prefix] RATIO TTFT without / with caching = {ttft[False] / ttft[True]:.1f}x (target >= 5x)", flush=True)
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_concurrency(model: Transformer, args: argparse.Namespace) -> None:
+    engine = AsyncLLMEngine(LLM(model, max_num_seqs=256, max_num_batched_tokens=512, kv_cache_memory=0.5).engine)
+    rng = random.Random(2)
+    reqs = [([rng.randrange(3, 32000) for _ in range(rng.randint(16, 96))], rng.randint(16, 64)) for _ in range(256)]
+    before = rss_bytes()
+    peak = [before]
+
+    async def one(i: int, prompt: list[int], n: int) -> tuple[int, str]:
+        count, reason = 0, ""
+        async for delta in engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.8, top_p=0.95,
+                                                                              max_tokens=n, ignore_eos=True, seed=i)):
+            count += len(delta.outputs[0].token_ids) if delta.outputs else 0
+            reason = delta.outputs[0].finish_reason if delta.outputs else reason
+            peak[0] = max(peak[0], rss_bytes()) if i == 0 or count % 16 == 0 else peak[0]
+        return count, reason
+
+    async def main() -> list:
+        results = await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(reqs)), return_exceptions=True)
+        await engine.shutdown()
+        return results
+
+    t = time.perf_counter()
+    results = asyncio.run(main())
+    dt = time.perf_counter() - t
+    failures = [r for r in results if isinstance(r, BaseException)]
+    ok = [r for r in results if not isinstance(r, BaseException) and r[1] == "length" and r[0] == reqs[results.index(r)][1]]
+    stats = engine.stats()
+    pool = engine.engine.runner.kv_cache
+    print(f"[concurrency] 256 streams: {len(ok)} complete, {len(failures)} failed, in {dt:.1f}s "
+          f"({sum(r[0] for r in results if not isinstance(r, BaseException)) / dt:.1f} tok/s); "
+          f"preemptions {stats.num_preemptions}; KV pool {pool.numel() * pool.element_size() / 2**30:.2f} GiB; "
+          f"RSS {before / 2**30:.2f} -> peak {peak[0] / 2**30:.2f} GiB", flush=True)
+    if failures:
+        print(f"[concurrency] first failure: {failures[0]!r}")
+
+
+BENCHES = {"throughput": bench_throughput, "decode": bench_decode, "prefix": bench_prefix,
+           "concurrency": bench_concurrency}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for ember and the baselines")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--hf-batch", type=int, default=16, help="static batch size of the transformers baseline")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = make_model()
+    print(f"bench-50m: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, float32, "
+          f"{args.threads} thread(s)", flush=True)
+    for name in args.only:
+        BENCHES[name](model, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""ember.engine: the serving engine (paged KV cache, continuous batching, prefix caching, sampling).
+
+    from ember.engine import LLM, SamplingParams              # offline
+    from ember.engine import AsyncLLMEngine, EngineConfig     # streaming, for the HTTP server
+"""
+
+from ember.engine.async_engine import AsyncLLMEngine
+from ember.engine.config import EngineConfig, EngineConfigError
+from ember.engine.engine import EngineStats, LLMEngine, RequestError
+from ember.engine.llm import LLM
+from ember.engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from ember.engine.sampling_params import SamplingParams, SamplingParamsError
+
+__all__ = [
+    "AsyncLLMEngine", "CompletionOutput", "EngineConfig", "EngineConfigError", "EngineStats", "LLM", "LLMEngine",
+    "Logprob", "RequestError", "RequestMetrics", "RequestOutput", "SamplingParams", "SamplingParamsError",
+]

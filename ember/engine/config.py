@@ -1,0 +1,100 @@
+"""EngineConfig: the serving engine's knobs (vLLM's names), and sizing the KV block pool.
+
+    EngineConfig(max_num_seqs=64, kv_cache_memory=2.0, enable_prefix_caching=True)
+
+The pool gets `kv_cache_memory` GiB on a CPU, or `gpu_memory_utilization` of the device memory
+still free after the weights are loaded on a GPU (or exactly `num_kv_blocks`, for tests).
+`ember serve` and `LLM(...)` both take these fields.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.config import ModelConfig
+from ember.errors import EmberError
+
+log = logging.getLogger("ember.engine")
+
+GiB = 1024 ** 3
+
+
+class EngineConfigError(EmberError):
+    """An engine setting out of range, or a KV budget too small for one block."""
+
+
+@dataclass
+class EngineConfig:
+    """Paged KV cache and scheduler settings of the serving engine."""
+
+    block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
+    kv_cache_memory: float = field(default=2.0, metadata={"help": "GiB for the KV cache on a CPU"})
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "fraction of free GPU memory (after the weights) for the KV cache"})
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides memory)"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together per step"})
+    max_num_batched_tokens: int = field(
+        default=512, metadata={"help": "token budget of one step (the prefill chunk size)"})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "longest prompt + output (default: the model's context)"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "share KV blocks of identical prefixes"})
+    enable_chunked_prefill: bool = field(
+        default=True, metadata={"help": "split long prompts across steps, batched with decodes"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampler for unseeded requests"})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise EngineConfigError(f"invalid engine config: {msg}")
+
+        need(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        need(self.kv_cache_memory > 0, f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        need(0 < self.gpu_memory_utilization <= 1,
+             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")
+        need(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        need(self.max_num_batched_tokens >= self.max_num_seqs,
+             f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+             f"({self.max_num_seqs}) so every running sequence can decode each step")
+        need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (a tied embedding counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """How many blocks the pool gets (see the module docstring)."""
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    block_bytes = cfg.block_size * model_cfg.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free * cfg.gpu_memory_utilization
+        source = f"{cfg.gpu_memory_utilization:.0%} of {free / GiB:.1f} GiB free on {device}"
+    else:
+        budget = cfg.kv_cache_memory * GiB
+        source = f"kv_cache_memory={cfg.kv_cache_memory} GiB"
+    blocks = int(budget // block_bytes)
+    if blocks < 1:
+        raise EngineConfigError(f"the KV cache budget ({source}) is smaller than one block of "
+                                f"{block_bytes / 2**20:.2f} MiB: raise it")
+    return blocks
+
+
+def log_capacity(model: torch.nn.Module, blocks: int, block_size: int, max_model_len: int,
+                 kv_bytes: int) -> None:
+    tokens = blocks * block_size
+    log.info("weights %.1f MiB; KV cache %.2f GiB = %d blocks x %d tokens = %d tokens; "
+             "max concurrent full-length (%d-token) requests: %.1f",
+             weight_bytes(model) / 2**20, kv_bytes / GiB, blocks, block_size, tokens, max_model_len,
+             tokens / max_model_len)

@@ -1,0 +1,280 @@
+"""LLMEngine: requests in, one scheduled forward per step, vLLM-shaped outputs out.
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=32))
+    engine.add_request("a", "Once upon a time", SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...           # RequestOutput per request that changed
+
+One step (ARCHITECTURE.md §4):
+    Scheduler.schedule()        token budget, running first, prefix-cache hits, preemption
+    ModelRunner.execute()       flattened forward over the paged KV cache -> logits
+    fork n > 1 groups           children share the prompt's blocks, each samples its own token
+    Sampler                     penalties, filters, seeded draws, logprobs
+    append + stop checks        EOS / stop_token_ids / stop strings (Detokenizer) / length
+A request added with stream=True yields a delta output every step it changes (the async
+engine's streams); otherwise one cumulative output when it finishes (LLM.generate).
+`stats()` is what a metrics exporter reads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ember.engine.config import EngineConfig, EngineConfigError, log_capacity, num_kv_blocks
+from ember.engine.detokenizer import Detokenizer
+from ember.engine.kv_cache import KVCacheManager
+from ember.engine.model_runner import ModelRunner
+from ember.engine.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
+from ember.engine.sampler import Sampler
+from ember.engine.sampling_params import SamplingParams, SamplingParamsError
+from ember.engine.scheduler import Scheduler
+from ember.errors import EmberError
+from ember.model.generate import stop_token_ids
+from ember.model.transformer import Transformer
+from ember.tokenizer import Tokenizer
+
+
+class RequestError(EmberError):
+    """A request the engine cannot serve (too long, duplicate id, text without a tokenizer)."""
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's gauges and counters (tokens count, not requests, for the cache)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks held by requests
+    num_kv_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens found cached
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_requests_finished: int
+
+
+class RequestGroup:
+    """The n sequences of one user request and what of them was already sent (streaming)."""
+
+    def __init__(self, request_id: str, prompt: str | None, seq: Request, stream: bool) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.seqs: list[Request] = [seq]
+        self.stream = stream
+        self.aborted = False
+        # index -> [chars, tokens, logprobs] already streamed, and whether its final delta went out
+        self.sent: dict[int, list] = {}
+        self.prompt_logprobs_sent = False
+
+    @property
+    def finished(self) -> bool:
+        done = len(self.seqs) == self.seqs[0].params.n and all(s.finished for s in self.seqs)
+        return done or self.aborted
+
+    def metrics(self) -> RequestMetrics:
+        first = self.seqs[0].metrics
+        starts = [s.metrics.first_token_time for s in self.seqs if s.metrics.first_token_time is not None]
+        lasts = [s.metrics.last_token_time for s in self.seqs if s.metrics.last_token_time is not None]
+        ends = [s.metrics.finished_time for s in self.seqs if s.metrics.finished_time is not None]
+        return RequestMetrics(
+            arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time,
+            first_token_time=min(starts, default=None), last_token_time=max(lasts, default=None),
+            finished_time=max(ends) if self.finished and ends else None,
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_generation_tokens=sum(s.num_output_tokens for s in self.seqs),
+            num_cached_tokens=first.num_cached_tokens,
+            num_preemptions=sum(s.metrics.num_preemptions for s in self.seqs))
+
+    def output(self) -> RequestOutput:
+        """Cumulative output, or for a stream the parts not sent yet (text held back near stops)."""
+        outs = []
+        for seq in self.seqs:
+            text = seq.detokenizer.streamable(seq.finished) if seq.detokenizer is not None else ""
+            tokens, lps = seq.output_token_ids, seq.logprobs
+            if self.stream:
+                chars, ntok, nlp, final = self.sent.get(seq.index, (0, 0, 0, False))
+                if final or (len(tokens) == ntok and len(text) == chars and not seq.finished):
+                    continue
+                self.sent[seq.index] = [len(text), len(tokens), len(lps or ()), seq.finished]
+                text, tokens, lps = text[chars:], tokens[ntok:], (lps[nlp:] if lps is not None else None)
+            outs.append(CompletionOutput(seq.index, text, tokens,
+                                         seq.cumulative_logprob if seq.logprobs is not None else None,
+                                         lps, seq.finish_reason, seq.stop_reason))
+        first = self.seqs[0]
+        prompt_lps = first.prompt_logprobs
+        if self.stream:  # sent once, complete, with the first generated token
+            ready = first.num_output_tokens > 0 and not self.prompt_logprobs_sent
+            prompt_lps = prompt_lps if ready else None
+            self.prompt_logprobs_sent |= ready
+        return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, prompt_lps, outs,
+                             self.finished, self.metrics(), first.metrics.num_cached_tokens)
+
+
+class LLMEngine:
+    """The synchronous engine; see the module docstring."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None,
+                 config: EngineConfig | None = None) -> None:
+        self.config = cfg = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        mcfg = model.config
+        p = next(model.parameters())
+        blocks = num_kv_blocks(cfg, mcfg, p.dtype, p.device)
+        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+        self.pool_tokens = blocks * cfg.block_size
+        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
+            raise EngineConfigError(
+                f"without chunked prefill, max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({self.max_model_len}) so every prompt fits one step")
+        self.kv = KVCacheManager(blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.runner = ModelRunner(model, blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
+        self.eos_token_ids = stop_token_ids(mcfg, tokenizer.eos_token_id if tokenizer else None)
+        decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
+        self.sampler = Sampler(mcfg.vocab_size, self.eos_token_ids, cfg.seed, decode)
+        self.groups: dict[str, RequestGroup] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_requests_finished = 0
+        log_capacity(model, blocks, cfg.block_size, self.max_model_len,
+                     self.runner.kv_cache.numel() * self.runner.kv_cache.element_size())
+
+    # ---- requests ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: pass prompt token ids, or load a tokenizer")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary of {self.model.config.vocab_size}")
+        return ids
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise a clear error if the request cannot be served; else its max_tokens after capping."""
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsError(f"expected SamplingParams, got {type(params).__name__}")
+        params.check_vocab(self.model.config.vocab_size)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if params.stop_strings and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; use stop_token_ids instead")
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise RequestError(f"the prompt has {n} tokens but the model's context (max_model_len) is "
+                               f"{self.max_model_len}: shorten the prompt")
+        if n >= self.pool_tokens:
+            raise RequestError(f"the prompt has {n} tokens but the whole KV cache holds {self.pool_tokens}: "
+                               "shorten the prompt or raise kv_cache_memory")
+        room = min(self.max_model_len, self.pool_tokens) - n
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None, stream: bool = False) -> None:
+        """Queue a request (text, or token ids); errors are raised here, before anything is queued."""
+        if request_id in self.groups:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        max_tokens = self.check_request(ids, params)
+        seq = Request(request_id, ids, params, max_tokens, arrival_time)
+        if self.tokenizer is not None:
+            seq.detokenizer = Detokenizer(self.tokenizer, ids, params)
+        self.groups[request_id] = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, seq, stream)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; its final output (finish_reason "abort"), if known."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        now = time.time()
+        for seq in group.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
+                seq.metrics.finished_time = now
+        group.aborted = True
+        self.num_requests_finished += 1
+        return group.output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage,
+                           self.kv.num_blocks, self.kv.prefix_queries, self.kv.prefix_hits,
+                           self.scheduler.num_preemptions, self.prompt_tokens_total,
+                           self.generation_tokens_total, self.num_requests_finished)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.empty:
+            return []
+        result = self.runner.execute(out, self.kv)
+        self.scheduler.update_computed(out)
+        now = time.time()
+        for req in out.requests:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        for pl in result.prompt_logits:
+            pl.request.prompt_logprobs.extend(
+                self.sampler.prompt_logprobs(pl.logits, pl.targets, pl.request.params.prompt_logprobs))
+        reqs, rows = [], []
+        for i, req in enumerate(result.sample_requests):
+            reqs.append(req)
+            rows.append(i)
+            if req.fork_pending:
+                req.fork_pending = False
+                group = self.groups[req.group_id]
+                for j in range(1, req.params.n):
+                    child = req.fork(j)
+                    if req.detokenizer is not None:
+                        child.detokenizer = Detokenizer(self.tokenizer, req.prompt_token_ids, req.params)
+                    self.kv.fork(req, child)
+                    self.scheduler.add_running(child)
+                    group.seqs.append(child)
+                    reqs.append(child)
+                    rows.append(i)
+        touched: dict[str, RequestGroup] = {}
+        if reqs:
+            logits = result.logits if len(rows) == result.logits.shape[0] else result.logits[torch.tensor(rows)]
+            for req, token in zip(reqs, self.sampler(logits, reqs)):
+                self._append(req, token, now)
+                touched[req.group_id] = self.groups[req.group_id]
+        outputs = []
+        for gid, group in touched.items():
+            if group.finished:
+                del self.groups[gid]
+                self.num_requests_finished += 1
+            if group.stream or group.finished:
+                outputs.append(group.output())
+        return outputs
+
+    def _append(self, req: Request, token: int, now: float) -> None:
+        if req.num_output_tokens == 0:
+            self.prompt_tokens_total += req.num_prompt_tokens
+        req.append_token(token, now)
+        self.generation_tokens_total += 1
+        p = req.params
+        checks = req.num_output_tokens >= p.min_tokens
+        status = None
+        if checks and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token if token in p.stop_token_ids else None
+        elif req.detokenizer is not None:
+            stop = req.detokenizer.append(token, checks)
+            if stop is not None:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        if status is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            if req.detokenizer is not None and not isinstance(req.stop_reason, str):
+                req.detokenizer.flush()
+            self.scheduler.finish(req, status)
+            req.metrics.finished_time = now

@@ -1,0 +1,100 @@
+"""ModelRunner: one forward of the ONE Transformer per engine step, over the flattened batch.
+
+    SchedulerOutput (requests, tokens each)      flatten
+      -> input_ids (1, N), positions (1, N), AttnMetadata (slots, block tables, lengths)
+      -> Transformer.hidden(...)                 every layer reads/writes K/V in the block pool
+      -> lm_head only on the rows that need logits:
+           the last token of each request that is sampled this step, and the prompt positions
+           of requests that asked for prompt_logprobs
+The pool is allocated here from the number of blocks the engine sized (ember/engine/config.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.engine.attn_metadata import AttnMetadata, Workspace, allocate_kv_cache
+from ember.engine.kv_cache import KVCacheManager
+from ember.engine.request import Request
+from ember.engine.scheduler import SchedulerOutput
+from ember.model.transformer import Transformer
+
+
+@dataclass
+class PromptLogits:
+    """Logits (m, vocab) of consecutive prompt positions and the prompt tokens they predict."""
+
+    request: Request
+    logits: torch.Tensor
+    targets: list[int]
+
+
+@dataclass
+class ModelOutput:
+    sample_requests: list[Request] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # (len(sample_requests), vocab) float32
+    prompt_logits: list[PromptLogits] = field(default_factory=list)
+
+
+class ModelRunner:
+    """Owns the model, the KV block pool and the gather workspace."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int) -> None:
+        self.model = model.eval()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size = block_size
+        self.kv_cache = allocate_kv_cache(model.config, num_blocks, block_size, p.dtype, p.device)
+        self.workspace = Workspace()
+        # Masked keys still enter SDPA's weighted sum (weight 0): never-written memory could hold
+        # NaN, so a block is zeroed the first time it is written.
+        self.initialized = torch.zeros(num_blocks, dtype=torch.bool, device=p.device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> ModelOutput:
+        for src, dst in out.block_copies:  # copy-on-write of blocks shared by a fork
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            self.initialized[dst] = True
+        ids: list[int] = []
+        pos: list[int] = []
+        seqs: list[tuple[list[int], int, int]] = []
+        result = ModelOutput()
+        sample_rows: list[int] = []
+        prompt_spans: list[tuple[Request, int, int, list[int]]] = []
+        row = 0
+        for req, n in zip(out.requests, out.num_tokens):
+            c = req.num_computed_tokens
+            ids.extend(req.token_ids[c:c + n])
+            pos.extend(range(c, c + n))
+            seqs.append((kv.block_table(req.request_id), c, n))
+            if req.prompt_logprobs is not None:
+                # Position p predicts token p + 1; prompt_logprobs already covers tokens < len().
+                lo, hi = max(c, len(req.prompt_logprobs) - 1), min(c + n, req.num_prompt_tokens - 1)
+                if hi > lo:
+                    prompt_spans.append((req, row + lo - c, row + hi - c, req.token_ids[lo + 1:hi + 1]))
+            if c + n == req.num_tokens:
+                sample_rows.append(row + n - 1)
+                result.sample_requests.append(req)
+            row += n
+        input_ids = torch.tensor([ids], device=self.device)
+        positions = torch.tensor([pos], device=self.device)
+        meta = AttnMetadata.build(self.kv_cache, self.block_size, seqs, self.workspace)
+        written = meta.slot_block.unique()
+        fresh = written[~self.initialized[written]]
+        if fresh.numel():
+            self.kv_cache[:, :, fresh] = 0
+            self.initialized[fresh] = True
+        h, _ = self.model.hidden(input_ids, positions, meta)
+        h = h[0]  # (N, D)
+        span_rows = [r for _, lo, hi, _ in prompt_spans for r in range(lo, hi)]
+        if not sample_rows and not span_rows:
+            return result
+        logits = self.model.lm_head(h[torch.tensor(sample_rows + span_rows, device=self.device)]).float()
+        result.logits = logits[:len(sample_rows)]
+        at = len(sample_rows)
+        for req, lo, hi, targets in prompt_spans:
+            result.prompt_logits.append(PromptLogits(req, logits[at:at + hi - lo], targets))
+            at += hi - lo
+        return result
