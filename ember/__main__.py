@@ -24,6 +24,7 @@ VERBS: dict[str, str] = {
     "eval": "evaluate a model or an OpenAI-compatible server: perplexity, MMLU, GSM8K, TruthfulQA, MT-Bench",
     "quantize": "quantize a model (int8, nf4, rtn, gptq, awq) and compare size, perplexity and speed",
     "export": "export a model to GGUF for llama.cpp (f32, f16, q8_0, q4_0)",
+    "chat": "chat with a model in the terminal (serving engine, streamed replies)",
     "quickstart": "run the whole pipeline end to end on the bundled Python docs and code",
 }
 

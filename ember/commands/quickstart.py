@@ -8,6 +8,8 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
   2. model       build the quickstart-10m model for that vocabulary, save it (HF layout) with
                  the tokenizer, reload it and check the logits round-trip
   3. quantize    GPTQ 4-bit of the latest model; size, held-out perplexity, decode speed vs fp32
+  4. engine      serve a batch of prompts sharing a preamble through the paged engine
+                 (continuous batching, prefix cache); report throughput and cache hits
   ...            each lifecycle stage (pretrain, finetune, quantize, serve, rag) adds its own
   eval (last)    one table: the held-out perplexity each stage recorded in state.perplexity,
                  and the latest model on the bundled MMLU-style sample
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ember.checkpoint.hf import load_model, save_model
+from ember.commands.chat import stage_engine
 from ember.commands.quantize import stage_quantize
 from ember.config import preset
 from ember.data.sources import bundled_documents
@@ -102,6 +105,7 @@ STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
     ("tokenizer", stage_tokenizer),
     ("model", stage_model),
     ("quantize", stage_quantize),
+    ("engine", stage_engine),
     ("eval", stage_eval),  # stays last: it reports on every earlier stage's model
 ]
 

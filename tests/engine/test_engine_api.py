@@ -184,3 +184,15 @@ def test_metrics_stats_and_startup_log(tiny, caplog) -> None:
     assert s.prefix_cache_hits > 0 and s.prefix_cache_queries >= s.prefix_cache_hits
     assert s.num_running == s.num_waiting == 0 and s.kv_cache_usage == 0.0 and s.num_requests_finished == 3
     assert outs[1].num_cached_tokens > 0 or outs[2].num_cached_tokens > 0
+
+
+@pytest.mark.parametrize("prompt_len", [8, 11])  # a full last block, and a shared partial one (copy-on-write)
+def test_forked_sequences_decode_from_the_shared_prompt_blocks(tiny, prompt_len: int) -> None:
+    model, tok = tiny
+    llm = LLM(model, tok, block_size=4, enable_prefix_caching=False)
+    prompt = list(range(5, 5 + prompt_len))
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    single = llm.generate([prompt], greedy)[0].outputs[0].token_ids
+    group = llm.generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert [c.token_ids for c in group.outputs] == [single] * 3
+    _whole(llm)
