@@ -8,9 +8,9 @@ and a step's batch is flattened to N tokens, so the model sees q (1, N, H, D), k
     attend(q, k, v, spec):
       1. write this step's k/v into the pool at each token's slot (block, offset)
       2. decode queries (one new token per sequence) run as batched SDPAs over the sequences'
-         blocks gathered into a padded workspace, keys past each sequence's length masked; up
-         to 4 groups of similar length limit the padding; GQA without copies by viewing the
-         rep query heads of a KV head as its queries
+         blocks gathered into a padded workspace, keys past each sequence's length masked;
+         sequences go in groups of similar length small enough for the workspace to stay in
+         cache; GQA without copies by viewing the rep query heads of a KV head as its queries
       3. prefill chunks attend one sequence at a time: a fresh prompt uses its own k/v (causal
          SDPA), a chunk after cached tokens gathers its blocks and uses a positional mask
 
@@ -67,25 +67,31 @@ class PrefillSeq:
 
 @dataclass
 class DecodeBatch:
-    """Decode queries attending together: one padded gather and one SDPA per layer."""
+    """Decode queries attending together: one padded key gather and one weighted value sum per layer."""
 
     rows: torch.Tensor  # (Bd,) flat index of each query
     pos: torch.Tensor  # (Bd,) position of each query
-    gather_rows: torch.Tensor  # (Bd * Hkv * nblocks,) pool rows, sequences padded to nblocks
+    gather_rows: torch.Tensor  # (Bd * Hkv * nblocks,) pool rows of keys, sequences padded to nblocks
+    value_rows: torch.Tensor  # (Bd, Hkv, S) token rows of the values, (blocks * Hkv * bs, D) view
     nblocks: int
     bias: dict = field(default_factory=dict)  # masks per (window, alibi, heads), built once per step
+    bags: dict = field(default_factory=dict)  # embedding_bag inputs per heads-per-KV-head
 
 
-def split_by_length(nblocks: list[int], max_groups: int = 4, min_size: int = 4) -> list[list[int]]:
-    """Indices grouped by similar length (longest first), so padding to a group's longest is cheap."""
+def split_by_length(nblocks: list[int], block_bytes: int, budget: int = 8 * 2**20) -> list[list[int]]:
+    """Indices in groups of similar length whose gathered K/V stay within `budget` bytes.
+
+    Longest first; a group grows while (members + 1) * its longest * block_bytes fits, so its
+    workspace stays in cache between the gather and the attention that reads it, and padding
+    to the group's longest is small.
+    """
     order = sorted(range(len(nblocks)), key=lambda i: -nblocks[i])
     groups: list[list[int]] = []
     for i in order:
-        g = groups[-1] if groups else None
-        if g is None or (len(groups) < max_groups and len(g) >= min_size and nblocks[i] < 0.7 * nblocks[g[0]]):
-            groups.append([i])
+        if groups and (len(groups[-1]) + 1) * nblocks[groups[-1][0]] * block_bytes <= budget:
+            groups[-1].append(i)
         else:
-            g.append(i)
+            groups.append([i])
     return [sorted(g) for g in groups]  # batch order inside a group
 
 
@@ -126,13 +132,16 @@ class AttnMetadata:
                 prefills.append(PrefillSeq(row, row + n, pos0, gather))
             row += n
         decodes = []
-        for group in split_by_length([len(t) for t in dec_tables]):
+        block_bytes = 2 * kv_cache[0, 0, 0].numel() * kv_cache.element_size()  # K + V of one block, one layer
+        for group in split_by_length([len(t) for t in dec_tables], block_bytes):
             width = max(len(dec_tables[i]) for i in group)
             padded = torch.tensor([dec_tables[i] + [dec_tables[i][-1]] * (width - len(dec_tables[i]))
                                    for i in group])  # (Bd, width)
+            heads, offs = torch.arange(hkv)[None, :, None, None], torch.arange(block_size)[None, None, None, :]
+            value_rows = ((padded[:, None, :, None] * hkv + heads) * block_size + offs).flatten(2)  # (Bd, Hkv, S)
             decodes.append(DecodeBatch(torch.tensor([dec_rows[i] for i in group], device=dev),
                                        torch.tensor([dec_pos[i] for i in group], device=dev),
-                                       _gather_rows(padded, hkv).to(dev), width))
+                                       _gather_rows(padded, hkv).to(dev), value_rows.to(dev), width))
         return cls(kv_cache, block_size, torch.tensor(blocks, device=dev), torch.tensor(offsets, device=dev),
                    prefills, decodes, workspace)
 
@@ -154,15 +163,28 @@ class AttnMetadata:
     # ---- decode: one batched SDPA ---------------------------------------------------------------
     def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, spec: AttnSpec,
                 d: DecodeBatch) -> torch.Tensor:
-        """q (Bd, H, D) -> (Bd, H, D), each query attending over its own blocks."""
+        """q (Bd, H, D) -> (Bd, H, D), each query attending over its own blocks.
+
+        Keys are gathered (the scores need them side by side); values are never copied: an
+        embedding_bag sums the pool's value rows weighted by the attention probabilities.
+        """
         Bd, hkv, D = q.shape[0], spec.num_kv_heads, spec.head_dim
         S = d.nblocks * self.block_size
-        keys, values = self._gather(kc, vc, d.gather_rows, (Bd, hkv, S, D))
+        (keys,) = self._gather([kc], d.gather_rows, (Bd, hkv, S, D))
         rep = spec.num_heads // hkv
         qg = q.view(Bd, hkv, rep, D)  # the rep query heads sharing a KV head act as its queries
-        y = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=self._decode_bias(spec, S, d),
-                                                             scale=spec.scale)
-        return y.reshape(Bd, spec.num_heads, D)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float().mul_(spec.scale)  # (Bd, Hkv, rep, S)
+        bias = self._decode_bias(spec, S, d)
+        if bias is not None:
+            scores += bias
+        probs = torch.softmax(scores, dim=-1).to(vc.dtype)
+        if rep not in d.bags:
+            rows = d.value_rows[:, :, None, :].expand(Bd, hkv, rep, S).reshape(-1)
+            d.bags[rep] = rows, torch.arange(0, rows.numel(), S, device=rows.device)
+        rows, offsets = d.bags[rep]
+        y = torch.nn.functional.embedding_bag(rows, vc.view(-1, D), offsets, mode="sum",
+                                              per_sample_weights=probs.reshape(-1))
+        return y.view(Bd, spec.num_heads, D)
 
     def _decode_bias(self, spec: AttnSpec, S: int, d: DecodeBatch) -> torch.Tensor | None:
         key = (spec.sliding_window, spec.alibi, spec.num_heads, spec.num_kv_heads)
@@ -174,7 +196,7 @@ class AttnMetadata:
                 visible &= dist < spec.sliding_window
             bias = None
             if not bool(visible.all()) or spec.alibi:
-                bias = torch.zeros(dist.shape, dtype=self.kv_cache.dtype, device=pos.device)
+                bias = torch.zeros(dist.shape, dtype=torch.float32, device=pos.device)
                 bias.masked_fill_(~visible, float("-inf"))
                 bias = bias[:, None, None, :]  # (Bd, 1, 1, S)
                 if spec.alibi:
@@ -196,22 +218,20 @@ class AttnMetadata:
             k_len = p.pos0 + T
             nb = p.gather_rows.numel() // spec.num_kv_heads
             shape = (1, spec.num_kv_heads, nb * self.block_size, spec.head_dim)
-            keys, values = self._gather(kc, vc, p.gather_rows, shape)
+            keys, values = self._gather([kc, vc], p.gather_rows, shape)
             keys, values = keys[:, :, :k_len].transpose(1, 2), values[:, :, :k_len].transpose(1, 2)
         q_pos = torch.arange(p.pos0, p.pos0 + T, device=q.device)[None]
         k_pos = torch.arange(k_len, device=q.device)[None]
         return sdpa(q, keys, values, spec, position_bias(spec, q_pos, k_pos, q.dtype), is_causal=False)
 
-    def _gather(self, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
-                shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy the listed pool rows of keys and values into the workspace, viewed as shape."""
-        n = rows.numel() * self.block_size * kc.shape[-1]
-        ws = self.workspace.get(2 * n, kc)
-        flat_k = kc.view(-1, self.block_size, kc.shape[-1])  # (num_blocks * Hkv, bs, D)
-        flat_v = vc.view(-1, self.block_size, vc.shape[-1])
-        keys = torch.index_select(flat_k, 0, rows, out=ws[:n].view(-1, self.block_size, kc.shape[-1]))
-        values = torch.index_select(flat_v, 0, rows, out=ws[n:].view(-1, self.block_size, vc.shape[-1]))
-        return keys.view(shape), values.view(shape)
+    def _gather(self, pools: list[torch.Tensor], rows: torch.Tensor,
+                shape: tuple[int, int, int, int]) -> list[torch.Tensor]:
+        """Copy the listed rows of each pool (num_blocks, Hkv, bs, D) into the workspace, viewed as shape."""
+        bs, D = self.block_size, pools[0].shape[-1]
+        n = rows.numel() * bs * D
+        ws = self.workspace.get(len(pools) * n, pools[0])
+        return [torch.index_select(pool.view(-1, bs, D), 0, rows, out=ws[i * n:(i + 1) * n].view(-1, bs, D)).view(shape)
+                for i, pool in enumerate(pools)]
 
 
 def _gather_rows(tables: torch.Tensor, hkv: int) -> torch.Tensor:
