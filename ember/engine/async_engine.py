@@ -62,7 +62,7 @@ class AsyncLLMEngine:
         SamplingParamsError, RequestError), before anything is queued.
         """
         if self.errored is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self.errored!r}")
+            raise EngineDeadError(f"the engine is stopped: {self.errored}")
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.engine.tokenize(prompt)
@@ -107,7 +107,8 @@ class AsyncLLMEngine:
                 pass
             self._task = None
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        self.errored = EngineDeadError("the engine was shut down")
+        self._fail_all(self.errored)
 
     # ---- the loop ------------------------------------------------------------------------------
     def _start(self) -> None:
