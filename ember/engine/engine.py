@@ -216,12 +216,13 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.empty:
             return []
+        scheduled = time.time()
+        for req in out.requests:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = scheduled
         result = self.runner.execute(out, self.kv)
         self.scheduler.update_computed(out)
         now = time.time()
-        for req in out.requests:
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
         for pl in result.prompt_logits:
             pl.request.prompt_logprobs.extend(
                 self.sampler.prompt_logprobs(pl.logits, pl.targets, pl.request.params.prompt_logprobs))
@@ -257,7 +258,7 @@ class LLMEngine:
         return outputs
 
     def _append(self, req: Request, token: int, now: float) -> None:
-        if req.num_output_tokens == 0:
+        if req.num_output_tokens == 0 and req.index == 0:  # once per request, not per fork
             self.prompt_tokens_total += req.num_prompt_tokens
         req.append_token(token, now)
         self.generation_tokens_total += 1
