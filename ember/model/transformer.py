@@ -145,7 +145,10 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Initialised by Transformer._init_weights; skipping nn.Embedding's own init matters on the
+        # meta device, where normal_ takes seconds on first use.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -158,6 +161,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head.weight.is_meta:
+            return  # built to receive loaded weights: random init would be wasted (and slow on meta)
         self.apply(self._init_weights)
         # GPT-2's residual scaling: keeps the residual stream's variance flat with depth.
         resid_std = 0.02 / math.sqrt(2 * cfg.num_layers)
