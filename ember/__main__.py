@@ -25,6 +25,7 @@ VERBS: dict[str, str] = {
     "quantize": "quantize a model (int8, nf4, rtn, gptq, awq) and compare size, perplexity and speed",
     "export": "export a model to GGUF for llama.cpp (f32, f16, q8_0, q4_0)",
     "chat": "chat with a model in the terminal (serving engine, streamed replies)",
+    "rag": "retrieval-augmented generation: ingest documents, search them, answer with citations",
     "quickstart": "run the whole pipeline end to end on the bundled Python docs and code",
 }
 
