@@ -15,3 +15,4 @@ def test_quickstart_fast_runs_end_to_end(tmp_path) -> None:
     ids = tok.encode("print('hello')")
     assert tok.decode(ids) == "print('hello')"
     assert model(torch.tensor([ids])).shape == (1, len(ids), tok.vocab_size)
+    assert (tmp_path / "qs" / "rag-index" / "index.json").is_file()  # the rag stage built its index

@@ -10,6 +10,8 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
   3. quantize    GPTQ 4-bit of the latest model; size, held-out perplexity, decode speed vs fp32
   4. engine      serve a batch of prompts sharing a preamble through the paged engine
                  (continuous batching, prefix cache); report throughput and cache hits
+  5. rag         index the Python documentation topics (all-MiniLM-L6-v2, LanceDB) in rag-index/
+                 and answer one question with the latest model, citing the retrieved sources
   ...            each lifecycle stage (pretrain, finetune, quantize, serve, rag) adds its own
   eval (last)    one table: the held-out perplexity each stage recorded in state.perplexity,
                  and the latest model on the bundled MMLU-style sample
@@ -94,6 +96,32 @@ def stage_model(state: QuickstartState) -> None:
           f"{cfg.num_heads} heads ({cfg.n_kv_heads} kv); saved to {out}; reload max |Δlogit| = {diff:.1e}")
 
 
+RAG_QUESTION = "When is the else clause of a while loop executed?"
+RAG_FAST_TOPICS = ("while", "for", "break", "continue", "if", "try")
+
+
+def stage_rag(state: QuickstartState) -> None:
+    from ember.rag import Answer, Index, generate_text, ground, ingest
+
+    assert state.model_dir is not None, "the model stage has not run"
+    fast = state.cfg.fast
+    paths = [f"pydoc:{t}" for t in RAG_FAST_TOPICS] if fast else ["pydoc"]
+    with Index.open(state.cfg.out / "rag-index", create=True) as idx:
+        report = ingest(idx, paths, progress=not fast)
+        print(f"  {report.summary()}")
+        tok = state.tokenizer
+        model = load_model(state.model_dir)
+        max_tokens = 32 if fast else 64
+        grounded = ground(idx.retriever(), [{"role": "user", "content": RAG_QUESTION}], tok,
+                          context_length=model.config.max_position_embeddings, max_tokens=max_tokens)
+    answer = Answer(generate_text(model, tok, grounded.messages, max_tokens), grounded.sources)
+    print(f"  Q: {RAG_QUESTION}")
+    for s in answer.sources:
+        print(f"  [{s.n}] {s.label()}  (score {s.score:.4f}{', truncated to fit' if s.truncated else ''})")
+    print(f"  A ({state.model_dir.name}, {grounded.prompt_tokens}-token prompt; an untrained model answers "
+          f"noise): {answer.text[:200]!r}")
+
+
 def stage_eval(state: QuickstartState) -> None:
     from ember.eval.report import lifecycle_report
 
@@ -106,6 +134,7 @@ STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
     ("model", stage_model),
     ("quantize", stage_quantize),
     ("engine", stage_engine),
+    ("rag", stage_rag),
     ("eval", stage_eval),  # stays last: it reports on every earlier stage's model
 ]
 

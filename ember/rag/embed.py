@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,27 @@ def default_model_path() -> Path:
     return path
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load a model without transformers' per-weight progress bar and sentence-transformers' INFO line."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_on = hf_logging.is_progress_bar_enabled()
+    st_log = logging.getLogger("sentence_transformers")
+    level = st_log.level
+    hf_logging.disable_progress_bar()
+    st_log.setLevel(max(level, logging.WARNING))  # "Loading SentenceTransformer model from ..." at INFO
+    try:
+        yield
+    finally:
+        st_log.setLevel(level)
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def resolve_model_path(name: str | os.PathLike | None) -> Path:
     if name is None or str(name) == DEFAULT_EMBEDDER:
         return default_model_path()
@@ -58,12 +80,14 @@ class Embedder:
         path = resolve_model_path(model)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never reach for the Hub
         try:
-            self.model = st.SentenceTransformer(str(path), device=device, local_files_only=True)
+            with quiet_loading():
+                self.model = st.SentenceTransformer(str(path), device=device, local_files_only=True)
         except (OSError, ValueError) as e:
             raise RagError(f"cannot load a sentence-transformers model from {path}: {str(e).splitlines()[0]}") from None
         self.name = DEFAULT_EMBEDDER if model is None or str(model) == DEFAULT_EMBEDDER else str(path)
         self.batch_size = batch_size
-        self.dim = int(self.model.get_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim())
         tok = self.model.tokenizer
         specials = len(tok("x", add_special_tokens=True)["input_ids"]) - len(tok("x", add_special_tokens=False)["input_ids"])
         # What one input may hold once the model's [CLS]/[SEP] (or similar) are added.

@@ -27,7 +27,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -62,7 +61,9 @@ class IngestReport:
 def _under(source: str, spec: str) -> bool:
     """Whether a manifest source was produced by the path spec (a folder, a file, or 'pydoc')."""
     if spec == PYDOC:
-        return source.startswith("pydoc:")
+        return source.startswith(PYDOC + ":")
+    if spec.startswith(PYDOC + ":"):
+        return source == spec
     root = str(Path(spec).expanduser().resolve())
     return source == root or source.startswith((root + os.sep, root + ":", root + "#"))
 
@@ -79,7 +80,26 @@ class _Batch:
         self.chunks.extend(chunks)
 
 
-def _flush(index: Index, batch: _Batch, report: IngestReport, bar: Any) -> None:
+class _Progress:
+    """A progress bar that appears with the first chunk written (not for no-op runs or early errors)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar = enabled, None
+
+    def update(self, n: int) -> None:
+        if self.enabled and n:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(desc="ingest", unit="chunk", dynamic_ncols=True)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _flush(index: Index, batch: _Batch, report: IngestReport, bar: _Progress) -> None:
     if not batch.docs:
         return
     stored = index.store.vectors([c.id for c in batch.chunks])
@@ -106,40 +126,42 @@ def _flush(index: Index, batch: _Batch, report: IngestReport, bar: Any) -> None:
 def ingest(index: Index, paths: Iterable[str | os.PathLike], *, text_field: str = "text", prune: bool = False,
            batch_chunks: int = 256, progress: bool = True) -> IngestReport:
     """Bring the index up to date with `paths` (files, folders, 'pydoc'); see the module docstring."""
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     specs = [str(p) for p in paths]
     report = IngestReport()
     seen: set[str] = set()
     batch = _Batch()
-    with index.writing(), tqdm(desc="embedding", unit="chunk", disable=not progress, dynamic_ncols=True) as bar:
-        for doc in load_documents(specs, text_field):
-            if doc.source in seen:
-                log.warning("skipping a second document with source %s (the first one is indexed)", doc.source)
-                continue
-            seen.add(doc.source)
-            entry = index.manifest.get(doc.source)
-            if entry is not None and entry.get("hash") == doc.hash:
-                report.unchanged += 1
-                continue
-            if entry is None:
-                report.new += 1
-            else:
-                report.changed += 1
-            batch.add(doc, index.chunker.split(doc))
-            if len(batch.chunks) >= batch_chunks:
-                _flush(index, batch, report, bar)
-        _flush(index, batch, report, bar)
-        gone = [s for s in index.manifest if s not in seen and any(_under(s, spec) for spec in specs)]
-        report.gone = len(gone)
-        if prune and gone:
-            for source in gone:
-                report.chunks_removed += index.store.delete(source)
-                del index.manifest[source]
-            index.save_manifest()
-            report.pruned = len(gone)
-        index.store.finish()
+    bar = _Progress(progress)
+    with index.writing():
+        try:
+            for doc in load_documents(specs, text_field):
+                if doc.source in seen:
+                    log.warning("skipping a second document with source %s (the first one is indexed)", doc.source)
+                    continue
+                seen.add(doc.source)
+                entry = index.manifest.get(doc.source)
+                if entry is not None and entry.get("hash") == doc.hash:
+                    report.unchanged += 1
+                    continue
+                if entry is None:
+                    report.new += 1
+                else:
+                    report.changed += 1
+                batch.add(doc, index.chunker.split(doc))
+                if len(batch.chunks) >= batch_chunks:
+                    _flush(index, batch, report, bar)
+            _flush(index, batch, report, bar)
+            gone = [s for s in index.manifest if s not in seen and any(_under(s, spec) for spec in specs)]
+            report.gone = len(gone)
+            if prune and gone:
+                for source in gone:
+                    report.chunks_removed += index.store.delete(source)
+                    del index.manifest[source]
+                index.save_manifest()
+                report.pruned = len(gone)
+            index.store.finish()
+        finally:
+            bar.close()
     report.total_chunks = index.store.count()
     report.seconds = time.perf_counter() - start
     return report

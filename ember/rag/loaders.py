@@ -2,6 +2,7 @@
 
     for doc in load_documents(["notes/", "faq.jsonl", "paper.pdf"]): ...
     for doc in load_documents(["pydoc"]): ...        # the bundled Python documentation topics
+    for doc in load_documents(["pydoc:while", "pydoc:for"]): ...    # some of them
 
 Kinds: .txt .md .rst .py (as text), .html/.htm (text extracted, headings kept as markdown `#`),
 .pdf (through pypdf, the `pdf` extra; pages joined by form feeds), .jsonl (one document per
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 TEXT_KINDS = {".txt": "txt", ".md": "md", ".markdown": "md", ".rst": "rst", ".py": "py"}
 HTML_SUFFIXES = (".html", ".htm")
-PYDOC = "pydoc"  # the path spec that stands for the bundled Python documentation topics
+PYDOC = "pydoc"  # the path spec for the bundled Python documentation topics ("pydoc:NAME" for one)
 
 
 @dataclass(frozen=True)
@@ -224,14 +225,17 @@ def list_files(path: Path) -> list[Path]:
 
 
 def load_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[Document]:
-    """Documents from files, folders and the word 'pydoc'; see the module docstring for the rules."""
+    """Documents from files, folders and 'pydoc' / 'pydoc:NAME'; see the module docstring for the rules."""
     paths = [str(p) for p in paths]
     found = False
     for raw in paths:
-        if raw == PYDOC:
-            for doc in pydoc_documents():
-                found = True
-                yield doc
+        if raw == PYDOC or raw.startswith(PYDOC + ":"):
+            name = raw.partition(":")[2]
+            docs = list(pydoc_documents([name] if name else None))
+            if name and not docs:
+                raise RagError(f"{raw}: no such pydoc topic (see pydoc_data.topics.topics for the names)")
+            found = found or bool(docs)
+            yield from docs
             continue
         p = Path(raw).expanduser()
         if not p.exists():

@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from ember.rag.embed import Embedder
+from ember.rag.embed import Embedder, quiet_loading
 from ember.rag.errors import RagError, require
 from ember.rag.store import Filter, Hit, VectorStore
 
@@ -72,7 +72,8 @@ class Reranker:
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise RagError(f"reranker {folder} is not a folder: give a local cross-encoder model folder")
-        self.model = st.CrossEncoder(str(folder), device=device, local_files_only=True)
+        with quiet_loading():
+            self.model = st.CrossEncoder(str(folder), device=device, local_files_only=True)
         self.batch_size = batch_size
 
     def scores(self, query: str, passages: Sequence[str]) -> np.ndarray:

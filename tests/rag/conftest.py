@@ -22,6 +22,7 @@ from ember.rag.embed import Embedder, default_model_path  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 STORES = ["lancedb", "qdrant"]
+CONTEXT = 512
 
 
 def _tiny_bert(out: Path, head: str, seed: int) -> None:
@@ -52,6 +53,16 @@ def build_tiny_embedder(out: Path, max_seq_length: int = 64, dim: int = 32, seed
     return out
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The models here are small: on a shared 2-core box, OpenMP's second thread mostly waits
+    (tiny-BERT batches ran 20-40x slower with 2 threads than with 1 under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_embedder_dir(tmp_path_factory) -> Path:
     return build_tiny_embedder(tmp_path_factory.mktemp("models") / "tiny-embedder")
@@ -66,6 +77,25 @@ def tiny_embedder(tiny_embedder_dir) -> Embedder:
 def tiny_cross_encoder_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-cross-encoder"
     _tiny_bert(out, "BertForSequenceClassification", seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny random ember chat model (ChatML template) with a context of CONTEXT tokens."""
+    from ember.checkpoint.hf import save_model
+    from ember.config import preset
+    from ember.model.transformer import Transformer
+    from ember.rag.loaders import pydoc_documents
+    from ember.tokenizer import train_tokenizer
+
+    tok = train_tokenizer((d.text for d in pydoc_documents()), vocab_size=1000, show_progress=False)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=CONTEXT,
+                 eos_token_id=(tok.eos_token_id, tok.token_to_id("<|im_end|>")))
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("chat-model")
+    save_model(Transformer(cfg).eval(), out)
+    tok.save(out)
     return out
 
 
@@ -90,7 +120,7 @@ def write_corpus(root: Path, n: int = 6) -> list[Path]:
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        w = words[i % len(words)]
+        w = words[i % len(words)] + ("" if i < len(words) else str(i // len(words)))
         body = f"# {w.title()} guide\n\n" + "\n\n".join(PARAGRAPH.format(w=w) * 2 for _ in range(3))
         body += f"\n\n## {w.title()} details\n\n" + PARAGRAPH.format(w=w) * 3
         path = root / (f"{w}.md" if i % 2 == 0 else f"{w}.txt")

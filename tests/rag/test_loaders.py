@@ -113,3 +113,6 @@ def test_pydoc_is_the_bundled_documentation() -> None:
     assert len(docs) == len([t for t in topics.values() if t.strip()])
     assert docs[0].source.startswith("pydoc:") and docs[0].kind == "rst"
     assert [d.source for d in pydoc_documents(["while", "yield"])] == ["pydoc:while", "pydoc:yield"]
+    assert [d.source for d in load_documents(["pydoc:yield", "pydoc:while"])] == ["pydoc:yield", "pydoc:while"]
+    with pytest.raises(RagError, match="no such pydoc topic"):
+        list(load_documents(["pydoc:nonsense"]))
