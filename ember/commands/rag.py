@@ -92,6 +92,14 @@ class EvalConfig:
     json: bool = field(default=False, metadata={"help": "print the table as JSON"})
 
 
+def _filters(specs: list[str]) -> dict[str, list[str]] | None:
+    """--where items; a `source` that names an existing file is made absolute, as ingest stores it."""
+    where = parse_filters(specs)
+    if "source" in where:
+        where["source"] = [str(Path(v).resolve()) if Path(v).exists() else v for v in where["source"]]
+    return where or None
+
+
 def ingest(cfg: IngestConfig) -> None:
     from ember.rag.embed import Embedder
     from ember.rag.index import Index
@@ -127,7 +135,7 @@ def _print_hits(hits: list, as_json: bool) -> None:
 def search(cfg: SearchConfig) -> None:
     from ember.rag.index import Index
 
-    params = SearchParams(k=cfg.k, mode=cfg.mode, where=parse_filters(cfg.where) or None, candidates=cfg.candidates,
+    params = SearchParams(k=cfg.k, mode=cfg.mode, where=_filters(cfg.where), candidates=cfg.candidates,
                           weights=tuple(cfg.weights), mmr=cfg.mmr, min_similarity=cfg.min_similarity)
     with Index.open(cfg.index) as idx:
         hits = idx.retriever(cfg.rerank).search(cfg.query, params)
@@ -144,7 +152,7 @@ def ask(cfg: AskConfig) -> None:
 
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype)
-    params = SearchParams(k=cfg.k, mode=cfg.mode, where=parse_filters(cfg.where) or None)
+    params = SearchParams(k=cfg.k, mode=cfg.mode, where=_filters(cfg.where))
     with Index.open(cfg.index) as idx:
         grounded = ground(idx.retriever(cfg.rerank), [{"role": "user", "content": cfg.question}], tok,
                           context_length=model.config.max_position_embeddings, max_tokens=cfg.max_tokens,

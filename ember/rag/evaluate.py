@@ -17,12 +17,12 @@ Each is averaged over the queries.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.data.sources import jsonl_records
 from ember.rag.errors import RagError
 from ember.rag.retrieve import MODES, Retriever, SearchParams
 from ember.rag.store import Hit
@@ -43,17 +43,11 @@ def load_qa(path: str | Path) -> list[QAItem]:
         raise RagError(f"QA file {path} does not exist: give a jsonl of "
                        '{"question": ..., "relevant": [sources or chunk ids]}')
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RagError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        rel = rec.get("relevant") if isinstance(rec, dict) else None
+    for lineno, rec in jsonl_records(path):
+        rel = rec.get("relevant")
         if isinstance(rel, str):
             rel = [rel]
-        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rel or not all(
+        if not isinstance(rec.get("question"), str) or not rel or not all(
                 isinstance(r, str) for r in rel):
             raise RagError(f"{path}:{lineno}: expected {{\"question\": str, \"relevant\": [str, ...]}}")
         items.append(QAItem(rec["question"], tuple(rel)))

@@ -103,7 +103,8 @@ def _flush(index: Index, batch: _Batch, report: IngestReport, bar: _Progress) ->
     if not batch.docs:
         return
     stored = index.store.vectors([c.id for c in batch.chunks])
-    todo = [c for c in batch.chunks if c.id not in stored]
+    # Longest first, as sentence-transformers orders one big call: batches of similar length pad less.
+    todo = sorted((c for c in batch.chunks if c.id not in stored), key=lambda c: -len(c.context))
     emb = index.embedder
     fresh: dict[str, np.ndarray] = {}
     for lo in range(0, len(todo), emb.batch_size):  # small steps keep the progress bar moving
@@ -121,6 +122,18 @@ def _flush(index: Index, batch: _Batch, report: IngestReport, bar: _Progress) ->
     report.chunks_written += len(batch.chunks)
     report.chunks_embedded += len(todo)
     batch.__init__()
+
+
+def _prune(index: Index, specs: list[str], seen: set[str], prune: bool, report: IngestReport) -> None:
+    """Count (and with prune=True remove) manifest sources under `specs` that this run did not see."""
+    gone = [s for s in index.manifest if s not in seen and any(_under(s, spec) for spec in specs)]
+    report.gone = len(gone)
+    if prune and gone:
+        for source in gone:
+            report.chunks_removed += index.store.delete(source)
+            del index.manifest[source]
+        index.save_manifest()
+        report.pruned = len(gone)
 
 
 def ingest(index: Index, paths: Iterable[str | os.PathLike], *, text_field: str = "text", prune: bool = False,
@@ -151,14 +164,7 @@ def ingest(index: Index, paths: Iterable[str | os.PathLike], *, text_field: str 
                 if len(batch.chunks) >= batch_chunks:
                     _flush(index, batch, report, bar)
             _flush(index, batch, report, bar)
-            gone = [s for s in index.manifest if s not in seen and any(_under(s, spec) for spec in specs)]
-            report.gone = len(gone)
-            if prune and gone:
-                for source in gone:
-                    report.chunks_removed += index.store.delete(source)
-                    del index.manifest[source]
-                index.save_manifest()
-                report.pruned = len(gone)
+            _prune(index, specs, seen, prune, report)
             index.store.finish()
         finally:
             bar.close()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+from ember.data.sources import jsonl_records
 from ember.rag.errors import RagError, require
 
 log = logging.getLogger(__name__)
@@ -148,17 +149,10 @@ def _pdf_document(path: Path) -> Document | None:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    text = _read_text(path)
-    if text is None:
+    if _read_text(path) is None:  # binary, not UTF-8 or unreadable: skipped with a warning
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RagError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+    for lineno, record in jsonl_records(path):
+        if not isinstance(record.get(text_field), str):
             raise RagError(f"{path}:{lineno}: expected an object with a string field {text_field!r} "
                            "(choose the field with --text-field)")
         body = record.pop(text_field)

@@ -9,6 +9,7 @@
 One query runs in this order:
   1. candidates: the top `candidates` chunks by cosine similarity and/or by BM25, with the
      metadata filter applied inside the store (before ranking, so k results still come back);
+     in hybrid mode the two searches run concurrently;
   2. hybrid: reciprocal rank fusion, score = sum_m w_m / (rrf_k + rank_m), rank from 1, rrf_k = 60
      (Cormack et al. 2009); a chunk only one retriever found gets only that term;
   3. `min_similarity`: drop chunks whose cosine similarity to the query is below it (in every
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -123,6 +125,7 @@ class Retriever:
 
     def __init__(self, store: VectorStore, embedder: Embedder, reranker: Reranker | None = None) -> None:
         self.store, self.embedder, self.reranker = store, embedder, reranker
+        self._pool: ThreadPoolExecutor | None = None
 
     def _with_vectors(self, hits: list[Hit]) -> list[Hit]:
         missing = [h.chunk.id for h in hits if h.vector is None]
@@ -139,12 +142,16 @@ class Retriever:
         n = max(p.candidates, p.k) if (p.mode == "hybrid" or post) else p.k
         need_vecs = p.min_similarity is not None or p.mmr is not None
         qvec = self.embedder.embed_query(query) if (p.mode != "bm25" or need_vecs) else None
-        dense = self.store.dense(qvec, n, p.where, with_vectors=need_vecs) if p.mode != "bm25" else []
-        lexical = self.store.lexical(query, n, p.where, with_vectors=need_vecs) if p.mode != "dense" else []
-        if p.mode == "hybrid":
-            hits = rrf([dense, lexical], p.weights, p.rrf_k)
+        if p.mode == "hybrid":  # both retrievers at once: the stores' search runs outside the GIL
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-rag-bm25")
+            lexical_future = self._pool.submit(self.store.lexical, query, n, p.where, need_vecs)
+            dense = self.store.dense(qvec, n, p.where, with_vectors=need_vecs)
+            hits = rrf([dense, lexical_future.result()], p.weights, p.rrf_k)
+        elif p.mode == "dense":
+            hits = self.store.dense(qvec, n, p.where, with_vectors=need_vecs)
         else:
-            hits = dense or lexical
+            hits = self.store.lexical(query, n, p.where, with_vectors=need_vecs)
         if need_vecs:
             hits = self._with_vectors(hits)
         if p.min_similarity is not None:

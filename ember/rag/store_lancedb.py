@@ -6,8 +6,11 @@ last commit. `finish()` (after each ingest) builds what search needs:
   - a native full-text index on `context` (heading line + text) for BM25, with ember's analyzer
     settings (lower-case, ASCII folding, English stemming, no stop-word list, as lexical.py);
   - scalar indexes on `source`, `id` and `tags` for filters, deletes and merges;
-  - an IVF-PQ vector index (cosine) once the table holds `ann_min_rows` chunks; queries then probe
-    `nprobes` partitions and re-rank `refine_factor` x k candidates by exact distance.
+  - an IVF-Flat vector index (cosine) once the table holds `ann_min_rows` chunks; queries probe
+    `nprobes` partitions and compare full vectors there. Measured on 100k random 384-d vectors
+    (bench/rag.py's setup; 2 shared cores): IVF-Flat built in 3 s, recall@10 1.00 at 40 probes
+    (0.92 at 20), ~11 ms a query; IVF-PQ took 139 s to build and reached recall 0.44 even with
+    refinement; IVF-HNSW-SQ took 361 s for 0.77; a table without an index took ~480 ms a query.
 Rows written after the last finish() are still searched (by brute force) until the next one.
 """
 
@@ -49,13 +52,13 @@ def sql_filter(where: Filter | None) -> str | None:
 class LanceDBStore:
     """A VectorStore in a local LanceDB folder."""
 
-    def __init__(self, path: Path, dim: int, ann_min_rows: int = 50_000, nprobes: int = 20,
-                 refine_factor: int = 10) -> None:
+    def __init__(self, path: Path, dim: int, ann_min_rows: int = 5_000, nprobes: int = 40) -> None:
         self._lancedb = require("lancedb")
         self._pa = require("pyarrow")
         self.path, self.dim = Path(path), dim
-        self.ann_min_rows, self.nprobes, self.refine_factor = ann_min_rows, nprobes, refine_factor
+        self.ann_min_rows, self.nprobes = ann_min_rows, nprobes
         self._db = self._lancedb.connect(str(self.path))
+        self._index_types: dict[str, str] | None = None
         try:
             self._table = self._db.open_table(TABLE)
         except ValueError:  # "Table 'chunks' was not found": a new index
@@ -133,7 +136,7 @@ class LanceDBStore:
         query = self._table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
         query = query.distance_type("cosine").limit(k)
         if self._has_index("IVF"):
-            query = query.nprobes(self.nprobes).refine_factor(self.refine_factor)
+            query = query.nprobes(self.nprobes)
         return self._hits(query, "_distance", where, with_vectors)
 
     def lexical(self, query: str, k: int, where: Filter | None = None,
@@ -147,11 +150,13 @@ class LanceDBStore:
         return self._hits(q, "_score", where, with_vectors)
 
     def _indices(self) -> dict[str, str]:
-        """Indexed column -> index type."""
-        return {ix.columns[0]: ix.index_type for ix in self._table.list_indices()}
+        """Indexed column -> index type (read once per open and after each finish(), not per query)."""
+        if self._index_types is None:
+            self._index_types = {ix.columns[0]: ix.index_type for ix in self._table.list_indices()}
+        return self._index_types
 
     def _has_index(self, kind: str) -> bool:
-        return any(t.startswith(kind) for c, t in self._indices().items() if c == "vector")
+        return self._indices().get("vector", "").upper().startswith(kind.upper())  # e.g. "IvfFlat"
 
     def _ensure_fts(self) -> None:
         if "context" not in self._indices():
@@ -160,11 +165,12 @@ class LanceDBStore:
             self._table.create_index("context", config=FTS(
                 with_position=False, base_tokenizer="simple", language="English", lower_case=True, stem=True,
                 remove_stop_words=False, ascii_folding=True, max_token_length=40))
+            self._index_types = None
 
     def finish(self) -> None:
         if self._table is None:
             return
-        from lancedb.index import BTree, IvfPq, LabelList
+        from lancedb.index import BTree, IvfFlat, LabelList
 
         existing = self._indices()
         self._ensure_fts()
@@ -173,10 +179,11 @@ class LanceDBStore:
                 self._table.create_index(column, config=config)
         rows = self._table.count_rows()
         if rows >= self.ann_min_rows and not self._has_index("IVF"):
-            log.info("building the IVF-PQ vector index over %d chunks", rows)
-            self._table.create_index("vector", config=IvfPq(distance_type="cosine"))
+            log.info("building the IVF-Flat vector index over %d chunks", rows)
+            self._table.create_index("vector", config=IvfFlat(distance_type="cosine"))
         elif existing:
             self._table.optimize()  # fold rows added since into the indexes, compact small files
+        self._index_types = None
 
     def close(self) -> None:
         self._table = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.errors import EmberError
 from ember.rag.errors import RagError
 from ember.rag.loaders import html_to_text, load_documents, pydoc_documents
 
@@ -99,7 +100,7 @@ def test_missing_path_and_nothing_to_index_are_errors(tmp_path: Path) -> None:
         list(load_documents([tmp_path / "empty"]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json}\n')
-    with pytest.raises(RagError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(EmberError, match=r"bad.jsonl:2: not valid JSON"):
         list(load_documents([bad]))
     bad.write_text('{"body": "ok"}\n')
     with pytest.raises(RagError, match="--text-field"):

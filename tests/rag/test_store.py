@@ -134,3 +134,22 @@ def test_bad_filters_are_errors(filled, bad) -> None:
     store, _, _ = filled
     with pytest.raises(RagError, match="filter"):
         store.dense(unit(1, 0)[0], 3, where=bad)
+
+
+def test_lancedb_builds_a_vector_index_and_keeps_exact_results(tmp_path) -> None:
+    from ember.rag.store_lancedb import LanceDBStore
+
+    store = LanceDBStore(tmp_path / "db", DIM, ann_min_rows=300)
+    vecs = unit(400, 3)
+    store.upsert(make_chunks("a.md", [f"text {i}" for i in range(300)]), vecs[:300])
+    store.finish()
+    assert store._has_index("IVF")
+    late = make_chunks("b.md", [f"late {i}" for i in range(100)])
+    store.upsert(late, vecs[300:])  # not in the vector index until the next finish(), still searched
+    for q in (vecs[5], vecs[350]):
+        want = np.argsort(-(vecs @ q))[:10]
+        ids = [h.chunk.id for h in store.dense(q, 10)]
+        assert ids == [(make_chunks("a.md", ["x"] * 300) + late)[i].id for i in want]
+    store.finish()
+    assert store.count() == 400 and store.dense(vecs[350], 1)[0].chunk.id == late[50].id
+    store.close()
