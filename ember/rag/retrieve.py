@@ -9,7 +9,7 @@
 One query runs in this order:
   1. candidates: the top `candidates` chunks by cosine similarity and/or by BM25, with the
      metadata filter applied inside the store (before ranking, so k results still come back);
-     in hybrid mode the two searches run concurrently;
+     in hybrid mode BM25 runs concurrently with embedding the query and the dense search;
   2. hybrid: reciprocal rank fusion, score = sum_m w_m / (rrf_k + rank_m), rank from 1, rrf_k = 60
      (Cormack et al. 2009); a chunk only one retriever found gets only that term;
   3. `min_similarity`: drop chunks whose cosine similarity to the query is below it (in every
@@ -141,11 +141,13 @@ class Retriever:
         post = p.min_similarity is not None or p.mmr is not None or self.reranker is not None
         n = max(p.candidates, p.k) if (p.mode == "hybrid" or post) else p.k
         need_vecs = p.min_similarity is not None or p.mmr is not None
-        qvec = self.embedder.embed_query(query) if (p.mode != "bm25" or need_vecs) else None
-        if p.mode == "hybrid":  # both retrievers at once: the stores' search runs outside the GIL
+        lexical_future = None
+        if p.mode == "hybrid":  # BM25 runs while the query is embedded and searched (outside the GIL)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-rag-bm25")
             lexical_future = self._pool.submit(self.store.lexical, query, n, p.where, need_vecs)
+        qvec = self.embedder.embed_query(query) if (p.mode != "bm25" or need_vecs) else None
+        if lexical_future is not None:
             dense = self.store.dense(qvec, n, p.where, with_vectors=need_vecs)
             hits = rrf([dense, lexical_future.result()], p.weights, p.rrf_k)
         elif p.mode == "dense":
