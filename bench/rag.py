@@ -98,12 +98,23 @@ def bench_search(emb: Embedder, sizes: list[int], n_queries: int) -> None:
     with Index.open(Path(tempfile.mkdtemp(prefix="ember-bench-probe-")), create=True, embedder=emb) as idx:
         base_chunks = [c for d in base_docs for c in idx.chunker.split(d)]
     questions = [q.question for q in load_qa(Path(__file__).resolve().parents[1] / "tests/rag/fixtures/pydoc_qa.jsonl")]
-    t0 = time.perf_counter()
-    for q in questions[:20]:
-        emb.embed_query(q)
-    embed_ms = (time.perf_counter() - t0) / 20 * 1000
-    print(f"\n== search: random unit vectors (dim {dim}) + pydoc chunk text; top-10; {n_queries} queries; "
-          f"query embedding alone: {embed_ms:.1f} ms/query (all-MiniLM-L6-v2, CPU) ==")
+    import torch
+
+    embed_ms = {}
+    threads = torch.get_num_threads()
+    for n_threads in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n_threads)
+        emb.embed_query("warm-up")
+        times = []
+        for q in questions[:30]:
+            t0 = time.perf_counter()
+            emb.embed_query(q)
+            times.append(time.perf_counter() - t0)
+        embed_ms[n_threads] = (pct(times, 50), pct(times, 95))
+    torch.set_num_threads(threads)
+    print(f"\n== search: random unit vectors (dim {dim}) + pydoc chunk text; top-10; {n_queries} queries ==")
+    print("query embedding alone (all-MiniLM-L6-v2, one query at a time), p50 / p95 ms: "
+          + ", ".join(f"{t} torch thread(s) {a:.1f} / {b:.1f}" for t, (a, b) in embed_ms.items()))
     print(f"{'chunks':>8}  {'index':<9}{'search':<34}{'p50 ms':>8}{'p95 ms':>8}{'recall@10':>11}")
     rng = np.random.default_rng(0)
     for n in sizes:

@@ -85,3 +85,15 @@ def test_user_errors_are_one_line(built, tmp_path, tiny_embedder_dir, capsys, ar
     assert exit_info.value.code == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and " WARNING " not in ln]
     assert len(err) == 1 and needle in err[0] and err[0].startswith("ember rag: error:"), err
+
+
+def test_qdrant_local_through_the_cli(tmp_path, tiny_embedder_dir, capsys) -> None:
+    docs = tmp_path / "docs"
+    write_corpus(docs, n=3)
+    idx = tmp_path / "qidx"
+    run(["rag", "ingest", str(docs), "--index", str(idx), "--embedder", str(tiny_embedder_dir), "--qdrant-local",
+         "--no-progress"])
+    assert "3 new" in capsys.readouterr().out
+    assert json.loads((idx / "index.json").read_text())["store"]["kind"] == "qdrant"
+    run(["rag", "search", "cherry summaries", "--index", str(idx), "--mode", "bm25", "--k", "2", "--json"])
+    assert all(r["source"].endswith("cherry.md") for r in json.loads(capsys.readouterr().out))
