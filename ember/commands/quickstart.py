@@ -101,20 +101,20 @@ RAG_FAST_TOPICS = ("while", "for", "break", "continue", "if", "try")
 
 
 def stage_rag(state: QuickstartState) -> None:
+    from ember.engine.llm import LLM
     from ember.rag import Answer, Index, generate_text, ground, ingest
 
     assert state.model_dir is not None, "the model stage has not run"
     fast = state.cfg.fast
     paths = [f"pydoc:{t}" for t in RAG_FAST_TOPICS] if fast else ["pydoc"]
+    llm = LLM(state.model_dir, max_num_seqs=1, kv_cache_memory=0.25)
+    max_tokens = 32 if fast else 64
     with Index.open(state.cfg.out / "rag-index", create=True) as idx:
         report = ingest(idx, paths, progress=not fast)
         print(f"  {report.summary()}")
-        tok = state.tokenizer
-        model = load_model(state.model_dir)
-        max_tokens = 32 if fast else 64
-        grounded = ground(idx.retriever(), [{"role": "user", "content": RAG_QUESTION}], tok,
-                          context_length=model.config.max_position_embeddings, max_tokens=max_tokens)
-    answer = Answer(generate_text(model, tok, grounded.messages, max_tokens), grounded.sources)
+        grounded = ground(idx.retriever(), [{"role": "user", "content": RAG_QUESTION}], llm.get_tokenizer(),
+                          context_length=llm.engine.max_model_len, max_tokens=max_tokens)
+    answer = Answer(generate_text(llm, grounded.messages, max_tokens), grounded.sources)
     print(f"  Q: {RAG_QUESTION}")
     for s in answer.sources:
         print(f"  [{s.n}] {s.label()}  (score {s.score:.4f}{', truncated to fit' if s.truncated else ''})")

@@ -77,6 +77,7 @@ class AskConfig:
     seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (default: the model folder)"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    kv_cache_memory: float = field(default=0.5, metadata={"help": "GiB for the serving engine's KV cache"})
     json: bool = field(default=False, metadata={"help": "print the answer and sources as JSON"})
 
 
@@ -145,19 +146,16 @@ def search(cfg: SearchConfig) -> None:
 
 
 def ask(cfg: AskConfig) -> None:
-    from ember.checkpoint.hf import load_model
+    from ember.engine.llm import LLM
     from ember.rag.answer import Answer, generate_text, ground
     from ember.rag.index import Index
-    from ember.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype)
+    llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, max_num_seqs=1, kv_cache_memory=cfg.kv_cache_memory)
     params = SearchParams(k=cfg.k, mode=cfg.mode, where=_filters(cfg.where))
     with Index.open(cfg.index) as idx:
-        grounded = ground(idx.retriever(cfg.rerank), [{"role": "user", "content": cfg.question}], tok,
-                          context_length=model.config.max_position_embeddings, max_tokens=cfg.max_tokens,
-                          params=params)
-    text = generate_text(model, tok, grounded.messages, cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+        grounded = ground(idx.retriever(cfg.rerank), [{"role": "user", "content": cfg.question}], llm.get_tokenizer(),
+                          context_length=llm.engine.max_model_len, max_tokens=cfg.max_tokens, params=params)
+    text = generate_text(llm, grounded.messages, cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
     answer = Answer(text, grounded.sources)
     if cfg.json:
         print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))

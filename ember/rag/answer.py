@@ -1,8 +1,9 @@
 """Grounded answers: retrieved chunks as numbered sources in the prompt, packed into the context budget.
 
-    grounded = ground(retriever, [{"role": "user", "content": question}], tok,
-                      context_length=model.config.max_position_embeddings, max_tokens=256)
-    text = generate_text(model, tok, grounded.messages, max_tokens=256)
+    llm = ember.LLM("runs/quickstart/base", kv_cache_memory=0.5)
+    grounded = ground(retriever, [{"role": "user", "content": question}], llm.get_tokenizer(),
+                      context_length=llm.engine.max_model_len, max_tokens=256)
+    text = generate_text(llm, grounded.messages, max_tokens=256)
     answer = Answer(text, grounded.sources)           # answer.cited: the [n] the model used
 
 The last user message becomes: instructions (answer from the sources, cite them as [1], [2]),
@@ -21,10 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
-from ember.model.generate import generate, stop_token_ids
-from ember.model.transformer import Transformer
+from ember.engine.llm import LLM
+from ember.engine.sampling_params import SamplingParams
 from ember.rag.errors import RagError
 from ember.rag.retrieve import Retriever, SearchParams
 from ember.rag.store import Hit
@@ -141,15 +140,8 @@ def ground(retriever: Retriever, messages: Sequence[Mapping[str, Any]], tokenize
     return pack_sources(messages, hits, tokenizer, budget)
 
 
-def generate_text(model: Transformer, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
-                  max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
-    """The one place answers are generated: today the naive decoder, the serving engine once it lands."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    eos = stop_token_ids(model.config, tokenizer.eos_token_id)
-    end = tokenizer.token_to_id("<|im_end|>")
-    if end is not None:
-        eos.add(end)
-    out = generate(model, torch.tensor([ids]), max_tokens, temperature=temperature, top_p=top_p,
-                   eos_token_ids=eos, seed=seed)
-    new = [t for t in out[0, len(ids):].tolist() if t not in eos]
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+def generate_text(llm: LLM, messages: Sequence[Mapping[str, Any]], max_tokens: int, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None) -> str:
+    """The one place answers are generated: the serving engine (`ember.LLM`), through the chat template."""
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    return llm.chat(list(messages), params)[0].outputs[0].text.strip()

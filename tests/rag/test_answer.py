@@ -4,9 +4,12 @@ context budget without ever overflowing it, citations read back from the answer.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import CONTEXT
 from ember.checkpoint.hf import load_model
+from ember.engine.llm import LLM
+from ember.model.generate import generate, stop_token_ids
 from ember.rag.answer import MIN_SOURCE_TOKENS, Answer, Source, generate_text, ground, pack_sources
 from ember.rag.chunking import Chunk, chunk_id
 from ember.rag.errors import RagError
@@ -84,8 +87,9 @@ def test_ground_and_generate_stay_inside_the_context(chat_model_dir, tiny_embedd
     docs.mkdir()
     for i in range(6):
         (docs / f"d{i}.txt").write_text(" ".join(f"topic{i} sentence {j}." for j in range(40)))
-    tok = load_tokenizer(chat_model_dir)
-    model = load_model(chat_model_dir)
+    llm = LLM(chat_model_dir, max_num_seqs=1, kv_cache_memory=0.05)
+    tok = llm.get_tokenizer()
+    assert llm.engine.max_model_len == CONTEXT
     with Index.open(tmp_path / "idx", create=True, embedder=tiny_embedder) as idx:
         ingest(idx, [docs], progress=False)
         retrieved = idx.retriever().search("topic3 sentence", k=5)
@@ -95,5 +99,10 @@ def test_ground_and_generate_stay_inside_the_context(chat_model_dir, tiny_embedd
             ground(idx.retriever(), [{"role": "user", "content": "x"}], tok, context_length=64, max_tokens=64)
     assert [s.id for s in g.sources] == [h.chunk.id for h in retrieved[:len(g.sources)]]
     assert 1 <= len(g.sources) < 5 and g.prompt_tokens <= CONTEXT - 300
-    text = generate_text(model, tok, g.messages, max_tokens=300)  # the naive decoder checks the context
-    assert isinstance(text, str)
+    # The engine answers exactly what the naive reference decoder does (greedy), prompt + answer in context.
+    text = generate_text(llm, g.messages, max_tokens=300)
+    ids = tok.apply_chat_template(g.messages, add_generation_prompt=True, tokenize=True)
+    model = load_model(chat_model_dir)
+    eos = stop_token_ids(model.config, tok.eos_token_id)
+    out = generate(model, torch.tensor([ids]), 300, eos_token_ids=eos)[0, len(ids):].tolist()
+    assert len(out) > 10 and text == tok.decode([t for t in out if t not in eos], skip_special_tokens=True).strip()
