@@ -103,10 +103,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(cfg: PretrainConfig) -> tuple[Transformer, Tokenizer]:
-    """The model to train (a fresh preset or a saved folder) and its tokenizer, checked to fit."""
+def build_model(cfg: PretrainConfig, model: Transformer | None = None) -> tuple[Transformer, Tokenizer]:
+    """The model to train (given, a fresh preset or a saved folder) and its tokenizer, checked to fit."""
     tok_path = cfg.tokenizer
-    if cfg.model in PRESETS:
+    if model is not None:
+        if tok_path is None:
+            raise PretrainError("pass --tokenizer FOLDER for the model being trained")
+        tok = load_tokenizer(tok_path)
+    elif cfg.model in PRESETS:
         if tok_path is None:
             raise PretrainError(f"--model {cfg.model} is a preset: also pass --tokenizer FOLDER "
                                 "(train one with `ember tokenizer train`)")
@@ -203,16 +207,17 @@ def prepare_data(cfg: PretrainConfig, tok: Tokenizer, dist: DistInfo
 
 
 def pretrain(cfg: PretrainConfig, dist: DistInfo | None = None, peak_flops: float | None = None,
-             stop_at: int | None = None) -> PretrainResult:
+             stop_at: int | None = None, model: Transformer | None = None) -> PretrainResult:
     """Run (or resume) a pretraining run; on rank 0 the final model is saved in the HF layout.
 
     stop_at: stop after this step with a checkpoint (the schedule still spans max_steps), to
-    continue later; no final model is exported then.
+    continue later; no final model is exported then. model: train this freshly built model
+    instead of cfg.model (e.g. the custom shapes of a scaling sweep).
     """
     own_dist = dist is None
     dist = dist or init_distributed(cfg.device)
     try:
-        model, tok = build_model(cfg)
+        model, tok = build_model(cfg, model)
         loader, valset, weights = prepare_data(cfg, tok, dist)
         if dist.is_main:
             names = ", ".join(f"{n.split('-', 1)[-1]} {w:.0%}" for n, w in zip(valset.names, weights))
