@@ -25,6 +25,7 @@ import torch
 from ember.config import ModelConfig
 from ember.model.transformer import Transformer
 from ember.tokenizer import load_tokenizer
+from ember.train.metrics import matmul_peak_flops
 from ember.train.pretrain import PretrainConfig, pretrain
 from ember.train.scaling import ScalingError
 
@@ -77,6 +78,7 @@ def sweep(cfg: SweepConfig) -> Path:
     per_step = cfg.batch_size * cfg.seq_len
     results = cfg.out / "results.csv"
     cfg.out.mkdir(parents=True, exist_ok=True)
+    peak = matmul_peak_flops(torch.device("cpu"))  # once for all runs (MFU in each run's metrics)
     for name, mcfg in shapes.items():
         for budget in cfg.tokens:
             steps = max(1, round(budget / per_step))
@@ -89,7 +91,7 @@ def sweep(cfg: SweepConfig) -> Path:
                                  warmup_steps=max(1, steps // 10), lr=cfg.lr, eval_every=0, save_every=0,
                                  keep_last=1, seed=cfg.seed, progress=cfg.progress, device="cpu")
             torch.manual_seed(cfg.seed)
-            result = pretrain(run, model=Transformer(mcfg))
+            result = pretrain(run, model=Transformer(mcfg), peak_flops=peak)
             n = mcfg.num_params(non_embedding=True)
             row = {"model": name, "layers": mcfg.num_layers, "width": mcfg.hidden_size, "params": n,
                    "params_total": mcfg.num_params(), "tokens": tokens, "flops": 6 * n * tokens,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from ember.train.pretrain import PretrainConfig
 from tests.textdata import small_tokenizer, write_corpus
+from tests.train.tinyrun import tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -19,16 +20,16 @@ def textdata(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"prose": prose, "code": code, "tok": root / "tok", "data": root / "shards"}
 
 
-def tiny_config(textdata: dict[str, Path], out: Path, **overrides) -> PretrainConfig:
-    """A few-second pretraining run of the `tiny` preset on the small corpus."""
-    values = dict(out=out, model="tiny", tokenizer=textdata["tok"],
-                  data=[f"{textdata['prose']}@0.7", f"{textdata['code']}@0.3"], data_dir=textdata["data"],
-                  seq_len=32, batch_size=4, micro_batch_size=2, max_steps=8, warmup_steps=2, lr=3e-3,
-                  eval_every=4, save_every=3, val_sequences=4, val_fraction=0.1, progress=False)
-    values.update(overrides)
-    return PretrainConfig(**values)
-
-
 @pytest.fixture
 def make_config(textdata):
     return lambda out, **kw: tiny_config(textdata, out, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is several times faster (a second
+    thread that is descheduled stalls every small op), and results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,19 +17,16 @@ from ember.model.transformer import Transformer
 from ember.train.checkpoint import TrainCheckpoints
 from ember.train.distributed import DistInfo
 from ember.train.pretrain import pretrain
-from tests.train.test_resume import PEAK, losses
+from tests.train.tinyrun import ONE_THREAD, PEAK, cli_args, losses
 
 pytestmark = pytest.mark.slow
 
 
 def torchrun(cfg, parallel: str) -> subprocess.CompletedProcess:
+    cfg.parallel = parallel
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "ember", "pretrain", "--out", str(cfg.out), "--model", "tiny",
-            "--tokenizer", str(cfg.tokenizer), "--data", *cfg.data, "--data-dir", str(cfg.data_dir),
-            "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", str(cfg.max_steps),
-            "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "4", "--save-every", str(cfg.save_every),
-            "--val-sequences", "4", "--val-fraction", "0.1", "--no-progress", "--parallel", parallel]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+            "-m", "ember", *cli_args(cfg)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -11,35 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from ember.train.pretrain import pretrain
-
-PEAK = 1e10  # skip measuring the matmul peak in-process: MFU is not under test here
-
-
-def losses(out: Path) -> dict[int, tuple]:
-    """step -> (train loss, grad norm) and ('val', step) -> val loss, the last record of each winning."""
-    table: dict = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            table[r["step"]] = (r["loss"], r["grad_norm"], r["lr"])
-        if "val_loss" in r:
-            table[("val", r["step"])] = r["val_loss"]
-    return table
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
-
+from tests.train.tinyrun import ONE_THREAD, PEAK, cli_args, losses, same_weights, tiny_config
 
 @pytest.fixture(scope="module")
 def reference(textdata, tmp_path_factory):
     """The uninterrupted 8-step run."""
-    from tests.train.conftest import tiny_config
-
     out = tmp_path_factory.mktemp("ref")
     result = pretrain(tiny_config(textdata, out), peak_flops=PEAK)
     return out, result
@@ -80,17 +57,13 @@ def test_sigkill_between_checkpoints_then_resume_matches(reference, make_config,
     """Kill -9 a CLI run mid-way, rerun the same command, compare to the uninterrupted run."""
     ref_out, ref = reference
     cfg = make_config(tmp_path)
-    args = [sys.executable, "-m", "ember", "pretrain", "--out", str(tmp_path), "--model", "tiny",
-            "--tokenizer", str(cfg.tokenizer), "--data", *cfg.data, "--data-dir", str(cfg.data_dir),
-            "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "8",
-            "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "4", "--save-every", "3",
-            "--val-sequences", "4", "--val-fraction", "0.1", "--no-progress"]
+    args = [sys.executable, "-m", "ember", *cli_args(cfg)]
     # The killed run's steps are slowed down (in that process only) so the kill lands mid-run.
     slow = ("import sys, time, ember.train.loop as L; step = L.Trainer._train_step; "
             "L.Trainer._train_step = lambda self: (time.sleep(0.3), step(self))[1]; "
             "from ember.__main__ import main; main(sys.argv[1:])")
     proc = subprocess.Popen([sys.executable, "-c", slow, *args[3:]], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, env=ONE_THREAD)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     try:
@@ -104,7 +77,7 @@ def test_sigkill_between_checkpoints_then_resume_matches(reference, make_config,
     finally:
         proc.wait()
     assert not (tmp_path / "model").exists()  # it really died before the end
-    rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed from" in rerun.stdout
     assert losses(tmp_path) == losses(ref_out)
