@@ -107,6 +107,10 @@ def prepare_mixture(components: Sequence[Component], tok: Tokenizer, data_dir: s
                     val_fraction: float = 0.02, text_field: str = "text",
                     code_bytes: int | None = 4_000_000, show_progress: bool = True) -> list[Path]:
     """Tokenize each component into data_dir/<name>/ unless current shards are already there."""
+    for c in components:  # every path checked before any (slow) tokenizing starts
+        for raw in c.paths:
+            if raw not in BUNDLED and not Path(raw).expanduser().exists():
+                raise DataSourceError(f"data path {raw} does not exist")
     folders = []
     for c in components:
         folder = Path(data_dir) / c.name

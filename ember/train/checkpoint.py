@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from ember.atomic import atomic_write_json
 from ember.errors import EmberError
 from ember.train.distributed import DistInfo, barrier, broadcast_object
@@ -81,6 +83,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
                                       for s in state["cuda"]])
+
+
+def _first_cause(e: BaseException) -> str:
+    """The most telling line of a DCP error (it wraps each rank's exception)."""
+    text = str(e)
+    for line in text.splitlines():
+        if "Error:" in line or "Missing key" in line or "size mismatch" in line:
+            return line.strip()[:300]
+    return (text.strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _dcp():
@@ -200,10 +211,10 @@ class TrainCheckpoints:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
                 dcp.load(state, checkpoint_id=str(folder))
-        except Exception as e:  # DCP reports shape / key mismatches as assorted exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            first = _first_cause(e)
             raise TrainCheckpointError(f"checkpoint {folder} does not fit this model and optimizer "
-                                       f"({first[:300]}); resume with the same model config") from None
+                                       f"({first}); resume with the same model config") from None
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = folder / f"rng-{self.dist.rank}.json"
         if rng.exists():

@@ -217,6 +217,7 @@ def pretrain(cfg: PretrainConfig, dist: DistInfo | None = None, peak_flops: floa
     own_dist = dist is None
     dist = dist or init_distributed(cfg.device)
     try:
+        cfg.accum_steps(dist.world)  # a batch that does not divide fails before any tokenizing
         model, tok = build_model(cfg, model)
         loader, valset, weights = prepare_data(cfg, tok, dist)
         if dist.is_main:
