@@ -2,6 +2,8 @@
 
     prose, code = write_corpus(tmp_path)      # folders of .txt (pydoc topics) and .py (stdlib)
     tok = small_tokenizer()                   # 512-token byte-level BPE trained on them
+
+and `one_thread`, an autouse fixture the data and training conftests import.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import functools
 import sysconfig
 from pathlib import Path
+
+import pytest
+import torch
 
 from ember.data.sources import pydoc_topics
 from ember.tokenizer import Tokenizer, train_tokenizer
@@ -42,3 +47,13 @@ def write_corpus(root: Path) -> tuple[Path, Path]:
 def small_tokenizer() -> Tokenizer:
     texts = [t for _, t in prose_texts()] + [t for _, t in code_texts()]
     return train_tokenizer(texts, vocab_size=512, kind="bpe", show_progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is several times faster (a second
+    thread that is descheduled stalls every small op), and results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

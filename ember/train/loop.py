@@ -150,6 +150,7 @@ class Trainer:
         self.ckpts = TrainCheckpoints(cfg.out / "checkpoints", self.dist, cfg.keep_last)
         self.metrics = MetricsLog(cfg.out / "metrics.jsonl")
         self.peak_flops = peak_flops
+        self._peak_fixed = peak_flops
         self.step = 0
         self.tokens = 0
         self.skipped = 0
@@ -223,15 +224,21 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def _measure_peak(self) -> float:
-        if self.peak_flops is None:
+        """Sum over ranks of each device's matmul peak: measured at start and again at every
+        evaluation, keeping the highest (a peak measured while a shared machine was busy would
+        overstate MFU). A peak given to the constructor is used as it is."""
+        if self._peak_fixed is None:
             barrier(self.dist)
-            dtype = self.amp_dtype or torch.float32
-            self.peak_flops = matmul_peak_flops(self.device, dtype, seconds=0.5)
+            measured = matmul_peak_flops(self.device, self.amp_dtype or torch.float32, seconds=0.5)
+            self.peak_flops = max(self.peak_flops or 0.0, measured)
         total = all_reduce_sum(torch.tensor([self.peak_flops], dtype=torch.float64), self.dist)
         return float(total.item())
 
-    def _train_step(self) -> tuple[float, float, int]:
-        """One optimizer step; returns (mean loss over all ranks, grad norm, global tokens)."""
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step (accum micro-batches per rank); returns (mean loss, grad norm, global tokens).
+
+        fit() drives it; benchmarks call it directly to time steps without evaluation or checkpoints.
+        """
         lr = self._lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -275,6 +282,7 @@ class Trainer:
                 self.metrics.truncate_after(-1)
                 if self.first_val:
                     self.metrics.write({"step": 0, "tokens": 0, **self.first_val})
+        start = self.step
         end = cfg.max_steps if stop_at is None else min(cfg.max_steps, stop_at)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (main and cfg.progress), unit="step",
                    dynamic_ncols=True, leave=False)
@@ -283,7 +291,7 @@ class Trainer:
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                loss, norm, tokens = self._train_step()
+                loss, norm, tokens = self.train_step()
                 dt = time.perf_counter() - t0
                 lr = self._lr(self.step)
                 self.step += 1
@@ -306,12 +314,13 @@ class Trainer:
                                         f"checkpoint is in {self.ckpts.root}")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     self._log_eval(bar)
+                    peak = self._measure_peak()
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
                     saved_at = self.step
         finally:
             bar.close()
-        if self.step >= cfg.max_steps or stop_at is not None:
+        if self.step > start:  # (a run resumed at its end has nothing left to do)
             if self.step >= cfg.max_steps:
                 self._log_eval(bar)
             if saved_at != self.step:
@@ -326,6 +335,7 @@ class Trainer:
             self.metrics.write({"step": self.step, "tokens": self.tokens, **self.last_val})
             shown = ", ".join(f"{k} {v:.4g}" for k, v in self.last_val.items() if "/" not in k)
             bar.write(f"step {self.step}: {shown}")
+            plot_loss_curve(self.metrics.path, self.cfg.out / "loss.png")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -34,7 +34,7 @@ from ember.data.loader import PackedLoader, validation_windows
 from ember.data.mixture import mixture_weights, parse_mixture, prepare_mixture
 from ember.data.shards import TokenShards
 from ember.errors import EmberError
-from ember.model.transformer import Transformer, load_balancing_loss
+from ember.model.transformer import Transformer
 from ember.tokenizer import Tokenizer, load_tokenizer
 from ember.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from ember.train.loop import TrainConfig, Trainer, TrainResult

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.textdata import small_tokenizer, write_corpus
+from tests.textdata import one_thread, small_tokenizer, write_corpus  # noqa: F401 (autouse fixture)
 from tests.train.tinyrun import tiny_config
 
 
@@ -23,13 +22,3 @@ def textdata(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def make_config(textdata):
     return lambda out, **kw: tiny_config(textdata, out, **kw)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is several times faster (a second
-    thread that is descheduled stalls every small op), and results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

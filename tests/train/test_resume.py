@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -59,8 +59,8 @@ def test_sigkill_between_checkpoints_then_resume_matches(reference, make_config,
     cfg = make_config(tmp_path)
     args = [sys.executable, "-m", "ember", *cli_args(cfg)]
     # The killed run's steps are slowed down (in that process only) so the kill lands mid-run.
-    slow = ("import sys, time, ember.train.loop as L; step = L.Trainer._train_step; "
-            "L.Trainer._train_step = lambda self: (time.sleep(0.3), step(self))[1]; "
+    slow = ("import sys, time, ember.train.loop as L; step = L.Trainer.train_step; "
+            "L.Trainer.train_step = lambda self: (time.sleep(0.3), step(self))[1]; "
             "from ember.__main__ import main; main(sys.argv[1:])")
     proc = subprocess.Popen([sys.executable, "-c", slow, *args[3:]], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=ONE_THREAD)
