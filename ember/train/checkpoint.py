@@ -137,20 +137,26 @@ class TrainCheckpoints:
         return None
 
     def _latest_on_main(self) -> tuple[str | None, list[str]]:
+        for debris in self.root.glob(".step-*.tmp"):  # saves cut short by a kill: never complete
+            shutil.rmtree(debris, ignore_errors=True)
         notes = []
-        for _, folder in reversed(self.complete()):
-            problem = self.verify(folder)
+        # Newest first; folders without a readable marker (step -1) are never usable.
+        candidates = sorted(self.complete(), key=lambda sf: (sf[0] < 0, -sf[0]))
+        found = None
+        for _, folder in candidates:
+            problem = self.verify(folder) if found is None or not (folder / MARKER).exists() else None
             if problem is None:
-                return str(folder), notes
+                found = found or str(folder)
+                continue
             aside = folder.with_name(folder.name + ".corrupt")
             n = 1
             while aside.exists():
                 aside = folder.with_name(f"{folder.name}.corrupt{n}")
                 n += 1
             folder.rename(aside)
-            notes.append(f"checkpoint {folder.name} is corrupt ({problem}); kept as {aside.name}, "
-                         "trying the previous one")
-        return None, notes
+            notes.append(f"checkpoint {folder.name} is corrupt ({problem}); kept as {aside.name}"
+                         + ("" if found else ", trying the previous one"))
+        return found, notes
 
     def latest(self) -> Path | None:
         """The newest checkpoint that verifies; corrupt newer ones are set aside with a warning."""

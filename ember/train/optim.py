@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ember.errors import EmberError
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
@@ -31,7 +33,7 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float,
                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay)
     if not any(g["params"] for g in groups):
-        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+        raise EmberError("the model has no trainable parameters (every one has requires_grad=False)")
     params = [p for g in groups for p in g["params"]]
     # The fused kernel is one pass over all parameters; DTensor (FSDP2) parameters use foreach.
     plain = all(type(p) in (torch.Tensor, nn.Parameter) for p in params)

@@ -26,7 +26,10 @@ def torchrun(cfg, parallel: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "ember", *cli_args(cfg)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if proc.returncode != 0:  # each rank's own error lines first, then the tail
+        text = proc.stdout + proc.stderr
+        telling = [ln for ln in text.splitlines() if any(w in ln for w in ("Error", "error", "terminate", "what()"))]
+        raise AssertionError("\n".join(telling[:40]) + "\n...\n" + text[-2000:])
     return proc
 
 

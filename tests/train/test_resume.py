@@ -45,10 +45,14 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(reference, make_config
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
+    (ckpts / "step-00000009").mkdir()  # a folder that never got its completion marker
+    (ckpts / "step-00000009" / "__0_0.distcp").write_bytes(b"partial")
+    (ckpts / ".step-00000010.tmp").mkdir()  # a save that was killed half-way
     result = pretrain(cfg, peak_flops=PEAK)  # same command again: resumes from step 6
     out = capsys.readouterr().out
     assert "step-00000008 is corrupt" in out and "resumed from" in out and "step-00000006" in out
     assert (ckpts / "step-00000008.corrupt").is_dir()  # kept for inspection, never deleted
+    assert (ckpts / "step-00000009.corrupt").is_dir() and not (ckpts / ".step-00000010.tmp").exists()
     assert (ckpts / "step-00000006").is_dir()
     assert result.train.step == 8 and losses(tmp_path) == losses(ref_out)
 
