@@ -102,12 +102,13 @@ def stage_pretrain(state: QuickstartState) -> None:
     from ember.train.pretrain import PretrainConfig, pretrain
 
     fast = state.cfg.fast
-    # Full run: 40 steps of 16 x 128 tokens (~82k tokens); fast: a tiny model for seconds.
+    # Full run: 150 steps of 16 x 128 tokens (~0.3M tokens, ~3 minutes on two idle cores);
+    # fast: a tiny model for seconds.
     cfg = PretrainConfig(out=state.cfg.out / "pretrain-run", model=str(state.model_dir),
                          tokenizer=state.tokenizer_dir, data=["bundled"], code_bytes=200_000 if fast else 4_000_000,
                          seq_len=64 if fast else 128, batch_size=8 if fast else 16, micro_batch_size=8 if fast else 16,
-                         max_steps=25 if fast else 40, warmup_steps=3 if fast else 4, lr=1e-2 if fast else 3e-3,
-                         eval_every=0 if fast else 20, save_every=0 if fast else 20, val_sequences=8 if fast else 24,
+                         max_steps=25 if fast else 150, warmup_steps=3 if fast else 10, lr=1e-2 if fast else 3e-3,
+                         eval_every=0 if fast else 50, save_every=0 if fast else 50, val_sequences=8 if fast else 24,
                          val_fraction=0.05, seed=state.cfg.seed, progress=not fast,
                          final_model=state.cfg.out / "pretrained")
     # The quickstart rebuilds every artifact: never resume a previous quickstart's pretraining.
