@@ -16,30 +16,24 @@ perplexity is measured on) or from the user's files:
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
+from ember.data.shards import holdout_key
 from ember.data.sources import Document, documents
 from ember.errors import EmberError
 from ember.model.rope import rope_cos_sin
 from ember.model.transformer import Transformer
 
-# Share of the bundled documents held out for evaluation (the pretraining pipeline's split).
+# Share of the bundled documents held out for evaluation (the pretraining pipeline's default split).
 VAL_FRACTION = 0.02
 
 
 class CalibrationError(EmberError):
     """Calibration data that cannot give the requested samples."""
-
-
-def holdout_key(text: str) -> float:
-    """A uniform number in [0, 1) from a document's text; below VAL_FRACTION means held out."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def split_documents(spec: list[str], held_out: bool, code_bytes: int | None = 4_000_000) -> Iterator[Document]:
