@@ -2,6 +2,7 @@
 
     model = ember.load_model("path/to/hf_dir", dtype="bfloat16")
     ember.save_model(model, "out_dir")     # transformers' from_pretrained(out_dir) loads it
+    model = ember.load_model("base_dir", adapter="lora_dir")   # + a PEFT LoRA adapter
 
 Loading builds the model on the meta device and assigns each tensor straight from the
 safetensors file (one copy of the weights, never pickle), in fp32, bf16 or fp16. Single-file
@@ -122,8 +123,11 @@ def read_state_dict(folder: Path, expected: dict[str, torch.Tensor],
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu") -> Transformer:
-    """Load a Hugging Face (llama/mistral/qwen2/mixtral) or ember model folder as a Transformer."""
+               device: str | torch.device = "cpu", adapter: str | os.PathLike | None = None) -> Transformer:
+    """Load a Hugging Face (llama/mistral/qwen2/mixtral) or ember model folder as a Transformer.
+
+    adapter: a PEFT LoRA adapter folder to apply on top (ember/checkpoint/peft.py), unmerged.
+    """
     folder = model_dir(path)
     torch_dtype = resolve_dtype(dtype)
     hf_cfg = read_json(folder / "config.json")
@@ -144,6 +148,10 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    if adapter is not None:
+        from ember.checkpoint.peft import load_adapter  # peft.py imports this module
+
+        load_adapter(model, adapter)
     return model.to(device).eval()
 
 
@@ -153,6 +161,9 @@ def save_model(model: Transformer, out_dir: str | os.PathLike,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if any(".lora_A." in k for k in state):
+        raise CheckpointError("the model has LoRA adapters: save them with ember.checkpoint.peft.save_adapter, "
+                              "or merge them first (ember.adapters.merge_and_unload) to save a full model")
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # safetensors cannot hold shared tensors; HF re-ties
     dtype = next(iter(state.values())).dtype

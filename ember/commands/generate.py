@@ -2,6 +2,7 @@
 
     ember generate --model runs/quickstart/base --prompt "def fibonacci(n):" --max-tokens 64
     ember generate --model DIR --prompt "What is a list?" --chat --temperature 0.7 --top-p 0.9
+    ember generate --model DIR --adapter runs/quickstart/dpo --prompt "What is a list?" --chat
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ember.adapters.lora import merge_and_unload
 from ember.checkpoint.hf import load_model
 from ember.model.generate import generate, stop_token_ids
 from ember.tokenizer import load_tokenizer
@@ -31,6 +33,7 @@ class GenerateConfig:
     chat: bool = field(default=False, metadata={"help": "wrap the prompt in the chat template as a user turn"})
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (default: the model folder)"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    adapter: Path | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder to apply (merged)"})
 
 
 CONFIG = GenerateConfig
@@ -38,7 +41,9 @@ CONFIG = GenerateConfig
 
 def main(cfg: GenerateConfig) -> None:
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype)
+    model = load_model(cfg.model, dtype=cfg.dtype, adapter=cfg.adapter)
+    if cfg.adapter is not None:
+        merge_and_unload(model)  # same outputs, plain linears: decoding runs at base-model speed
     if cfg.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}],
                                       add_generation_prompt=True, tokenize=True)

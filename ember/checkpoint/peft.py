@@ -1,0 +1,190 @@
+"""LoRA adapters in Hugging Face PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+    save_adapter(model, "out/adapter", base_model_name_or_path="runs/base")
+    load_adapter(model, "out/adapter")            # wraps the layers the file names, loads A and B
+    ember.load_model("runs/base", adapter="out/adapter")
+
+Tensor names are PEFT's: `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight`
+(out, r), where <module> is the Hugging Face module name, which ember's modules share. So an
+adapter saved here loads with `peft.PeftModel.from_pretrained(transformers_model, dir)`, and one
+trained with PEFT loads here. Per-module ranks and alphas round-trip through PEFT's
+rank_pattern / alpha_pattern. Only plain LoRA is read: DoRA, LoRA biases, modules_to_save and
+embedding adapters are refused with an error saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ember.adapters.lora import (LoRAError, freeze_all_but_adapters, lora_layers, match_targets,
+                                 wrap_module)
+from ember.atomic import atomic_write, atomic_write_json
+from ember.checkpoint.hf import read_json
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+
+
+def _most_common(values: list) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Short names (q_proj, v_proj) when they select exactly these modules, else the full names."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    try:
+        if sorted(match_targets(model, tuple(short))) == sorted(names):
+            return short
+    except LoRAError:
+        pass
+    return sorted(names)
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA adapters in PEFT format (atomically); the base weights are not saved."""
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise LoRAError("the model has no LoRA adapters to save: apply_lora or load an adapter first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    ranks = {n: layer.r for n, layer in layers.items()}
+    alphas = {n: layer.alpha for n, layer in layers.items()}
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+    rslora = {layer.rslora for layer in layers.values()}
+    if len(rslora) > 1:
+        raise LoRAError("PEFT format needs one scaling rule: all adapters must agree on rsLoRA")
+    first = next(iter(layers.values()))
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora.pop(),
+        "target_modules": _target_modules(model, list(layers)),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(out / CONFIG_FILE, config)
+    return out
+
+
+def adapter_dir(path: str | os.PathLike) -> Path:
+    """The adapter folder, or one clear error saying what is wrong with it."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise LoRAError(f"adapter folder {folder} does not exist" if not folder.exists()
+                        else f"{folder} is a file; pass the folder that holds {CONFIG_FILE}")
+    if not (folder / CONFIG_FILE).exists():
+        raise LoRAError(f"{folder} has no {CONFIG_FILE}; is it a PEFT adapter folder?")
+    if not (folder / WEIGHTS_FILE).exists():
+        pickled = " (it has only adapter_model.bin: re-save it with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise LoRAError(f"{folder} has no {WEIGHTS_FILE}{pickled}")
+    return folder
+
+
+def _check_config(config: dict, folder: Path) -> None:
+    def refuse(what: str) -> None:
+        raise LoRAError(f"adapter in {folder} uses {what}, which ember does not load (plain LoRA only)")
+
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise LoRAError(f"adapter in {folder} is a {kind} adapter; ember loads LoRA adapters only")
+    if config.get("use_dora"):
+        refuse("DoRA")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        refuse(f"trained biases (bias={config.get('bias')!r})")
+    if config.get("modules_to_save"):
+        refuse(f"modules_to_save {config['modules_to_save']}")
+    if config.get("fan_in_fan_out"):
+        refuse("fan_in_fan_out (GPT-2 Conv1D layers)")
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    # PEFT's rule: a pattern key applies to every module name it ends (as a dotted suffix / regex).
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"A": tensor, "B": tensor}} from an adapter_model.safetensors."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                m = _KEY.fullmatch(key)
+                if m is None:
+                    raise LoRAError(f"{path} holds {key!r}, which is not a LoRA A/B weight "
+                                    "(embedding adapters and biases are not supported)")
+                found.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(key)
+    except SafetensorError as e:
+        raise LoRAError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if not found:
+        raise LoRAError(f"{path} holds no LoRA weights")
+    for module, ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"{path} has lora_{''.join(ab)} but not both A and B for {module}")
+    return found
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False) -> list[str]:
+    """Wrap the layers the adapter names and load its weights; returns the module names.
+
+    trainable=False (inference) freezes every parameter; True leaves the adapters trainable,
+    to continue training them.
+    """
+    folder = adapter_dir(path)
+    config = read_json(folder / CONFIG_FILE)
+    _check_config(config, folder)
+    weights = _read_tensors(folder / WEIGHTS_FILE)
+    modules = dict(model.named_modules())
+    missing = [m for m in weights if m not in modules]
+    if missing:
+        raise LoRAError(f"adapter in {folder} targets {missing[0]!r}, which the base model does not have: "
+                        "was it trained on a different architecture?")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    dropout = float(config.get("lora_dropout") or 0.0)
+    for name, ab in weights.items():
+        r = int(_pattern_value(rank_pattern, name, config.get("r", 8)))
+        alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)))
+        layer = wrap_module(model, name, r, alpha, dropout, bool(config.get("use_rslora")))
+        for key, param in (("A", layer.lora_A.weight), ("B", layer.lora_B.weight)):
+            if tuple(ab[key].shape) != tuple(param.shape):
+                raise LoRAError(f"adapter in {folder}: lora_{key} of {name} has shape {tuple(ab[key].shape)}, "
+                                f"expected {tuple(param.shape)} (r={r}): wrong base model or corrupt config")
+            with torch.no_grad():
+                param.copy_(ab[key])
+    if trainable:
+        freeze_all_but_adapters(model)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return list(weights)
