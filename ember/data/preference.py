@@ -1,0 +1,78 @@
+"""Preference pairs for DPO: a prompt with a chosen and a rejected answer, rendered by the chat template.
+
+    pairs = load_preference_pairs("prefs.jsonl", tokenizer, max_len=512)
+    batches = PreferenceBatches(pairs, micro_batch=4, pad_id=tok.pad_token_id)
+    batch = batches.next_batch()   # input_ids/labels (2B, T): B chosen rows, then their B rejected rows
+
+Records are {"prompt", "chosen", "rejected"} (strings, or message lists; see
+ember/data/conversations.py). Each side is prompt + answer rendered as one conversation, with
+labels on the answer's tokens only, so a sequence's log-probability sums over the response alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ember.data.conversations import ChatDataError, read_jsonl, to_preference
+from ember.data.sft import ExampleOrder, TokenizedChat, collate, tokenize_chat, truncate
+from ember.tokenizer import Tokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreferencePair:
+    chosen: TokenizedChat
+    rejected: TokenizedChat
+
+
+def load_preference_pairs(path: str | os.PathLike, tok: Tokenizer, max_len: int) -> list[PreferencePair]:
+    """Every usable pair of a preference jsonl file; pairs whose answers do not start within
+    max_len tokens are skipped with a warning, and a file with none left is an error."""
+    pairs, skipped = [], 0
+    for where, record in read_jsonl(path):
+        prompt, chosen, rejected = to_preference(record, where)
+        try:
+            pair = PreferencePair(truncate(tokenize_chat(tok, prompt + chosen, first=len(prompt)), max_len),
+                                  truncate(tokenize_chat(tok, prompt + rejected, first=len(prompt)), max_len))
+        except TokenizerError as e:
+            raise ChatDataError(f"{where}: {e}") from None
+        if pair.chosen.loss_tokens == 0 or pair.rejected.loss_tokens == 0:
+            skipped += 1
+            continue
+        pairs.append(pair)
+    if skipped:
+        log.warning("%s: skipped %d pair(s) whose answers do not fit in max_len=%d", path, skipped, max_len)
+    if not pairs:
+        raise ChatDataError(f"{path} has no usable preference pair: it needs prompt/chosen/rejected records "
+                            f"with non-empty answers that start within the first {max_len} tokens")
+    return pairs
+
+
+def pair_batch(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One forward pass for both sides: rows 0..B-1 are the chosen answers, B..2B-1 the rejected."""
+    return collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
+
+
+class PreferenceBatches:
+    """This rank's micro-batches of pairs in a seeded order per epoch (the training loop's BatchSource)."""
+
+    def __init__(self, pairs: Sequence[PreferencePair], micro_batch: int, pad_id: int, *, seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        self.pairs, self.micro_batch, self.pad_id, self.rank, self.world = pairs, micro_batch, pad_id, rank, world
+        self.order = ExampleOrder(len(pairs), seed)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        picked = [self.pairs[self.order.next()] for _ in range(self.world * self.micro_batch)]
+        return pair_batch(picked[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.order.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.consumed = int(state["consumed"])

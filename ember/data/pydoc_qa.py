@@ -1,0 +1,136 @@
+"""The quickstart's own fine-tuning data: questions about the Python docs answered by the docs.
+
+Every section of the bundled `pydoc_data.topics` (ember.data.sources.pydoc_topics) becomes a
+question and an answer:
+
+    user:       What does the Python documentation say about The "while" statement?
+    assistant:  The "while" statement is used for repeated execution as long as an expression is true.
+
+(the first sentences of the section's prose, code and lists left out; sections whose answer does
+not mention the title's words are dropped, so every answer is about its question). The
+instruction set asks each question in several phrasings; the preference set pairs each question's
+answer (chosen) with the answer of another section (rejected). Sections are split into train and
+held-out before anything is built, so held-out questions and answers are never trained on.
+
+    write_pydoc_sets("runs/quickstart/data", seed=0)   # sft_{train,val}.jsonl, dpo_{train,val}.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.atomic import atomic_write_text
+from ember.data.sources import pydoc_topics
+
+PHRASINGS = ("What does the Python documentation say about {}?",
+             "Explain {} in Python.",
+             "Summarize the Python reference on {}.")
+_UNDERLINE = re.compile(r"([*=\-~^])\1{2,}")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"])")
+_NOT_PROSE = re.compile(r"(\d+\.|\*|-) |New in|Changed in|Deprecated")
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    answer: str
+
+
+def _paragraphs(lines: list[str]) -> list[str]:
+    """Unindented paragraphs joined into single lines (indented lines are grammar or code)."""
+    paras, current = [], []
+    for line in [*lines, ""]:
+        if not line.strip() or line.startswith(" "):
+            if current:
+                paras.append(" ".join(current))
+                current = []
+        else:
+            current.append(line.strip())
+    return paras
+
+
+def _answer(paragraphs: list[str], max_chars: int) -> str:
+    answer = ""
+    for para in paragraphs:
+        if _NOT_PROSE.match(para):
+            continue
+        para = para[:-1] + "." if para.endswith(":") else para  # "... is equivalent to:" + a code block
+        for sentence in _SENTENCE_END.split(para):
+            if answer and len(answer) + len(sentence) >= max_chars:
+                return answer
+            answer = f"{answer} {sentence}".strip()
+        if len(answer) >= max_chars // 3:
+            break
+    return answer
+
+
+def _about(title: str, answer: str) -> bool:
+    stems = [w.lower().rstrip("s") for w in re.findall(r"[A-Za-z_]{4,}", title)]
+    return any(s in answer.lower() for s in stems)
+
+
+def pydoc_sections(max_chars: int = 280) -> list[Section]:
+    """One (title, answer) per distinctly titled documentation section, in a stable order."""
+    sections: dict[str, str] = {}
+    for doc in pydoc_topics():
+        lines = doc.text.split("\n")
+        heads = [i for i in range(len(lines) - 1) if lines[i].strip() and not lines[i].startswith(" ")
+                 and _UNDERLINE.fullmatch(lines[i + 1].strip())]
+        for j, h in enumerate(heads):
+            title = lines[h].strip()
+            end = heads[j + 1] if j + 1 < len(heads) else len(lines)
+            answer = _answer(_paragraphs(lines[h + 2:end]), max_chars)
+            if title not in sections and len(answer) >= 40 and _about(title, answer):
+                sections[title] = answer
+    return [Section(t, a) for t, a in sections.items()]
+
+
+def split_sections(sections: list[Section], held_out: float, seed: int) -> tuple[list[Section], list[Section]]:
+    shuffled = sections[:]
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * held_out))
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+def instruction_records(sections: list[Section], phrasings: int = len(PHRASINGS)) -> list[dict]:
+    """OpenAI-format chat records: each section asked in the first `phrasings` ways."""
+    return [{"messages": [{"role": "user", "content": q.format(s.title)},
+                          {"role": "assistant", "content": s.answer}]}
+            for s in sections for q in PHRASINGS[:phrasings]]
+
+
+def preference_records(sections: list[Section], seed: int, per_section: int = 2) -> list[dict]:
+    """prompt/chosen/rejected records: rejected is another section's answer (drawn from the same list)."""
+    if len(sections) < 2:
+        raise ValueError("preference pairs need at least two sections")
+    rng = random.Random(seed)
+    records = []
+    for i, s in enumerate(sections):
+        for k in range(per_section):
+            other = sections[(i + rng.randrange(1, len(sections))) % len(sections)]
+            records.append({"prompt": PHRASINGS[(i + k) % len(PHRASINGS)].format(s.title),
+                            "chosen": s.answer, "rejected": other.answer})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def write_pydoc_sets(out: str | Path, seed: int = 0, held_out: float = 0.15,
+                     max_sections: int | None = None) -> dict[str, Path]:
+    """Write sft_train/sft_val (chat) and dpo_train/dpo_val (preference) jsonl files into `out`."""
+    out = Path(out)
+    sections = pydoc_sections()
+    if max_sections is not None:
+        sections = random.Random(seed).sample(sections, min(max_sections, len(sections)))
+    train, val = split_sections(sections, held_out, seed)
+    return {"sft_train": write_jsonl(out / "sft_train.jsonl", instruction_records(train)),
+            "sft_val": write_jsonl(out / "sft_val.jsonl", instruction_records(val, phrasings=1)),
+            "dpo_train": write_jsonl(out / "dpo_train.jsonl", preference_records(train, seed)),
+            "dpo_val": write_jsonl(out / "dpo_val.jsonl", preference_records(val, seed + 1, per_section=1))}
