@@ -18,13 +18,12 @@ or tool. A line that is not JSON or does not fit a format is an error naming the
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ember.data.sources import DataSourceError
+from ember.data.sources import DataSourceError, jsonl_records
 
 Messages = list[dict[str, Any]]
 
@@ -48,18 +47,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
     if p.is_dir():
         raise ChatDataError(f"{p} is a folder; pass a .jsonl file")
     try:
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{p}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ChatDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict):
-                    raise ChatDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                yield where, record
+        for lineno, record in jsonl_records(p):
+            yield f"{p}:{lineno}", record
     except UnicodeDecodeError as e:
         raise ChatDataError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 

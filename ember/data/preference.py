@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class PreferencePair:
     chosen: TokenizedChat
     rejected: TokenizedChat
+    ref_logps: tuple[float, float] | None = None  # reference log-probs, when computed ahead (full DPO)
 
 
 def load_preference_pairs(path: str | os.PathLike, tok: Tokenizer, max_len: int) -> list[PreferencePair]:
@@ -56,7 +57,10 @@ def load_preference_pairs(path: str | os.PathLike, tok: Tokenizer, max_len: int)
 
 def pair_batch(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
     """One forward pass for both sides: rows 0..B-1 are the chosen answers, B..2B-1 the rejected."""
-    return collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
+    batch = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
+    if all(p.ref_logps is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs])
+    return batch
 
 
 class PreferenceBatches:

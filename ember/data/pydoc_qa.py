@@ -3,11 +3,13 @@
 Every section of the bundled `pydoc_data.topics` (ember.data.sources.pydoc_topics) becomes a
 question and an answer:
 
-    user:       What does the Python documentation say about The "while" statement?
-    assistant:  The "while" statement is used for repeated execution as long as an expression is true.
+    user:       What does the Python documentation say about Boolean operations?
+    assistant:  Boolean operations: In the context of Boolean operations, and also when expressions
+                are used by control flow statements, the following values are interpreted as false: ...
 
-(the first sentences of the section's prose, code and lists left out; sections whose answer does
-not mention the title's words are dropped, so every answer is about its question). The
+(the section's title, then the first sentences of its prose, code and lists left out; sections
+whose prose does not mention the title's words are dropped, so every answer is about its
+question, and an answer names what it answers, as a good reply restates the subject). The
 instruction set asks each question in several phrasings; the preference set pairs each question's
 answer (chosen) with the answer of another section (rejected). Sections are split into train and
 held-out before anything is built, so held-out questions and answers are never trained on.
@@ -37,7 +39,11 @@ _NOT_PROSE = re.compile(r"(\d+\.|\*|-) |New in|Changed in|Deprecated")
 @dataclass(frozen=True)
 class Section:
     title: str
-    answer: str
+    answer: str  # the first sentences of the section's prose
+
+    @property
+    def reply(self) -> str:
+        return f"{self.title}: {self.answer}"
 
 
 def _paragraphs(lines: list[str]) -> list[str]:
@@ -99,7 +105,7 @@ def split_sections(sections: list[Section], held_out: float, seed: int) -> tuple
 def instruction_records(sections: list[Section], phrasings: int = len(PHRASINGS)) -> list[dict]:
     """OpenAI-format chat records: each section asked in the first `phrasings` ways."""
     return [{"messages": [{"role": "user", "content": q.format(s.title)},
-                          {"role": "assistant", "content": s.answer}]}
+                          {"role": "assistant", "content": s.reply}]}
             for s in sections for q in PHRASINGS[:phrasings]]
 
 
@@ -113,7 +119,7 @@ def preference_records(sections: list[Section], seed: int, per_section: int = 2)
         for k in range(per_section):
             other = sections[(i + rng.randrange(1, len(sections))) % len(sections)]
             records.append({"prompt": PHRASINGS[(i + k) % len(PHRASINGS)].format(s.title),
-                            "chosen": s.answer, "rejected": other.answer})
+                            "chosen": s.reply, "rejected": other.reply})
     return records
 
 

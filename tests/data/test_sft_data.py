@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ember.data.conversations import ChatDataError, read_conversations
+from ember.data.sources import DataSourceError
 from ember.data.sft import (IGNORE_INDEX, SFTBatches, assistant_spans, collate, load_sft_examples,
                             tokenize_chat)
 from tests.chat_tokenizers import chatml_tokenizer, llama3_tokenizer
@@ -81,7 +82,7 @@ def test_three_formats_give_the_same_example(tmp_path) -> None:
 def test_bad_files_name_file_and_line(tmp_path, lines, needle) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ChatDataError, match=needle):
+    with pytest.raises(DataSourceError, match=needle):
         load_sft_examples(path, chatml_tokenizer(), max_len=64)
 
 
