@@ -244,12 +244,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    """(trainable, total) parameter counts; shared (tied) tensors count once.
+
+    A quantized linear keeps its weight packed in buffers; it counts as in x out weights.
+    """
     trainable = total = 0
     for p in model.parameters():  # parameters() already yields a shared tensor once
         n = p.numel()
         total += n
         trainable += n if p.requires_grad else 0
+    for m in model.modules():
+        if is_linear_like(m) and not isinstance(m, (nn.Linear, LoRALinear)):
+            total += m.in_features * m.out_features
     return trainable, total
 
 

@@ -47,7 +47,7 @@ def load_preference_pairs(path: str | os.PathLike, tok: Tokenizer, max_len: int)
             skipped += 1
             continue
         pairs.append(pair)
-    if skipped:
+    if skipped and pairs:  # with none left, the error below says it all
         log.warning("%s: skipped %d pair(s) whose answers do not fit in max_len=%d", path, skipped, max_len)
     if not pairs:
         raise ChatDataError(f"{path} has no usable preference pair: it needs prompt/chosen/rejected records "

@@ -116,7 +116,7 @@ def load_sft_examples(path: str | os.PathLike, tok: Tokenizer, max_len: int) -> 
             skipped += 1
             continue
         examples.append(example)
-    if skipped:
+    if skipped and examples:  # with none left, the error below says it all
         log.warning("%s: skipped %d example(s) with no assistant tokens within max_len=%d", path, skipped, max_len)
     if not examples:
         raise ChatDataError(f"{path} has no usable example: it needs records with a non-empty assistant "

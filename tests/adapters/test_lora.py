@@ -187,6 +187,7 @@ def test_lora_wraps_a_quantized_linear_but_refuses_to_merge_into_it() -> None:
     assert layer.lora_A.weight.grad is not None
     with pytest.raises(LoRAError, match="cannot merge"):
         layer.merge()
+    assert parameter_counts(layer) == (4 * 64 + 32 * 4, 4 * 64 + 32 * 4 + 64 * 32)  # packed weight counted
 
 
 def test_adapters_stay_float32_on_a_bfloat16_base() -> None:
