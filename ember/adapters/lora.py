@@ -159,7 +159,7 @@ class LoRALinear(nn.Module):
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """(module name, layer) for every LoRA layer; names are the wrapped module's, e.g. model.layers.0.self_attn.q_proj."""
+    """(name, layer) for every LoRA layer, named as the module it wraps (model.layers.0.self_attn.q_proj)."""
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module

@@ -51,9 +51,13 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(names)
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's LoRA adapters in PEFT format (atomically); the base weights are not saved."""
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's LoRA adapters in PEFT format (atomically); the base weights are not saved.
+
+    state_dict: take the A/B tensors from this full state dict (e.g. gathered from an FSDP run)
+    instead of the model's own parameters.
+    """
     layers = dict(lora_layers(model))
     if not layers:
         raise LoRAError("the model has no LoRA adapters to save: apply_lora or load an adapter first")
@@ -61,8 +65,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+        for ab in ("lora_A", "lora_B"):
+            t = getattr(layer, ab).weight if state_dict is None else state_dict[f"{name}.{ab}.weight"]
+            tensors[f"{_PREFIX}{name}.{ab}.weight"] = t.detach().contiguous().cpu()
     ranks = {n: layer.r for n, layer in layers.items()}
     alphas = {n: layer.alpha for n, layer in layers.items()}
     r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))

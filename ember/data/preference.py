@@ -11,18 +11,15 @@ labels on the answer's tokens only, so a sequence's log-probability sums over th
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ember.data.conversations import ChatDataError, read_jsonl, to_preference
-from ember.data.sft import ExampleOrder, TokenizedChat, collate, tokenize_chat, truncate
-from ember.tokenizer import Tokenizer, TokenizerError
-
-log = logging.getLogger(__name__)
+from ember.data.conversations import read_jsonl, to_preference
+from ember.data.sft import ExampleOrder, TokenizedChat, collate, collect_usable, tokenize_chat, truncate
+from ember.tokenizer import Tokenizer
 
 
 @dataclass
@@ -35,24 +32,15 @@ class PreferencePair:
 def load_preference_pairs(path: str | os.PathLike, tok: Tokenizer, max_len: int) -> list[PreferencePair]:
     """Every usable pair of a preference jsonl file; pairs whose answers do not start within
     max_len tokens are skipped with a warning, and a file with none left is an error."""
-    pairs, skipped = [], 0
-    for where, record in read_jsonl(path):
-        prompt, chosen, rejected = to_preference(record, where)
-        try:
-            pair = PreferencePair(truncate(tokenize_chat(tok, prompt + chosen, first=len(prompt)), max_len),
-                                  truncate(tokenize_chat(tok, prompt + rejected, first=len(prompt)), max_len))
-        except TokenizerError as e:
-            raise ChatDataError(f"{where}: {e}") from None
-        if pair.chosen.loss_tokens == 0 or pair.rejected.loss_tokens == 0:
-            skipped += 1
-            continue
-        pairs.append(pair)
-    if skipped and pairs:  # with none left, the error below says it all
-        log.warning("%s: skipped %d pair(s) whose answers do not fit in max_len=%d", path, skipped, max_len)
-    if not pairs:
-        raise ChatDataError(f"{path} has no usable preference pair: it needs prompt/chosen/rejected records "
-                            f"with non-empty answers that start within the first {max_len} tokens")
-    return pairs
+    def rows():
+        for where, record in read_jsonl(path):
+            prompt, chosen, rejected = to_preference(record, where)
+            yield where, lambda: PreferencePair(
+                truncate(tokenize_chat(tok, prompt + chosen, first=len(prompt)), max_len),
+                truncate(tokenize_chat(tok, prompt + rejected, first=len(prompt)), max_len))
+
+    return collect_usable(path, rows(), lambda p: p.chosen.loss_tokens > 0 and p.rejected.loss_tokens > 0,
+                          "preference pair", "prompt/chosen/rejected records with non-empty answers", max_len)
 
 
 def pair_batch(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:

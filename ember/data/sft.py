@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +35,7 @@ from ember.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 IGNORE_INDEX = -100  # label of tokens without loss (PyTorch's and Hugging Face's convention)
 
 
@@ -106,22 +108,34 @@ def load_sft_examples(path: str | os.PathLike, tok: Tokenizer, max_len: int) -> 
     Examples left with no assistant token (an empty answer, or cut off by max_len) are skipped
     with a warning; a file with no usable example at all is an error.
     """
-    examples, skipped = [], 0
-    for where, messages in read_conversations(path):
+    rows = ((where, lambda m=messages: truncate(tokenize_chat(tok, m), max_len))
+            for where, messages in read_conversations(path))
+    return collect_usable(path, rows, lambda ex: ex.loss_tokens > 0, "example",
+                          "records with a non-empty assistant answer", max_len)
+
+
+def collect_usable(path: str | os.PathLike, rows: Iterable[tuple[str, Callable[[], T]]],
+                   usable: Callable[[T], bool], what: str, needs: str, max_len: int) -> list[T]:
+    """Build each row's item (errors name its file:line) and keep the usable ones.
+
+    Unusable items are skipped with one warning; a file with none usable is an error.
+    """
+    kept, skipped = [], 0
+    for where, make in rows:
         try:
-            example = truncate(tokenize_chat(tok, messages), max_len)
+            item = make()
         except TokenizerError as e:
             raise ChatDataError(f"{where}: {e}") from None
-        if example.loss_tokens == 0:
+        if usable(item):
+            kept.append(item)
+        else:
             skipped += 1
-            continue
-        examples.append(example)
-    if skipped and examples:  # with none left, the error below says it all
-        log.warning("%s: skipped %d example(s) with no assistant tokens within max_len=%d", path, skipped, max_len)
-    if not examples:
-        raise ChatDataError(f"{path} has no usable example: it needs records with a non-empty assistant "
-                            f"answer that starts within the first {max_len} tokens")
-    return examples
+    if skipped and kept:  # with none left, the error below says it all
+        log.warning("%s: skipped %d %s(s) with no answer tokens within max_len=%d", path, skipped, what, max_len)
+    if not kept:
+        raise ChatDataError(f"{path} has no usable {what}: it needs {needs} that start within the first "
+                            f"{max_len} tokens")
+    return kept
 
 
 class ExampleOrder:
