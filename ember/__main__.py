@@ -22,6 +22,8 @@ VERBS: dict[str, str] = {
     "tokenizer": "train a byte-level BPE or Unigram tokenizer on text files or the bundled corpus",
     "pretrain": "pretrain a model on text (packed next-token prediction; DDP/FSDP under torchrun)",
     "scaling": "scaling laws: sweep small runs, fit L(N, D), plan compute-optimal N and D",
+    "finetune": "supervised fine-tuning on chat data (LoRA, QLoRA or all weights), PEFT adapters",
+    "dpo": "preference tuning (DPO / IPO) with LoRA over the frozen base",
     "generate": "continue a prompt with a model (naive reference decoder)",
     "eval": "evaluate a model or an OpenAI-compatible server: perplexity, MMLU, GSM8K, TruthfulQA, MT-Bench",
     "quantize": "quantize a model (int8, nf4, rtn, gptq, awq) and compare size, perplexity and speed",

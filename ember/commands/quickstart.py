@@ -9,10 +9,14 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
                  the tokenizer, reload it and check the logits round-trip
   3. pretrain    pretrain it on the bundled corpus (70 % prose / 30 % code, a few minutes on
                  two CPU cores), print validation perplexity before and after, save to pretrained/
-  4. quantize    GPTQ 4-bit of the latest model; size, held-out perplexity, decode speed vs fp32
-  5. engine      serve a batch of prompts sharing a preamble through the paged engine
+  4. finetune    LoRA SFT on questions about the Python docs answered by the docs (ember.data.pydoc_qa);
+                 held-out assistant-token loss before/after; the merged model becomes the latest
+  5. dpo         DPO (LoRA, reference = adapters disabled) on preference pairs from the same docs;
+                 held-out reward accuracy before/after; the merged model becomes the latest
+  6. quantize    GPTQ 4-bit of the latest model; size, held-out perplexity, decode speed vs fp32
+  7. engine      serve a batch of prompts sharing a preamble through the paged engine
                  (continuous batching, prefix cache); report throughput and cache hits
-  6. rag         index the Python documentation topics (all-MiniLM-L6-v2, LanceDB) in rag-index/
+  8. rag         index the Python documentation topics (all-MiniLM-L6-v2, LanceDB) in rag-index/
                  and answer one question with the latest model, citing the retrieved sources
   eval (last)    one table: the held-out perplexity each stage recorded in state.perplexity,
                  and the latest model on the bundled MMLU-style sample
@@ -31,6 +35,8 @@ import torch
 
 from ember.checkpoint.hf import load_model, save_model
 from ember.commands.chat import stage_engine
+from ember.commands.dpo import stage_dpo
+from ember.commands.finetune import stage_finetune
 from ember.commands.quantize import stage_quantize
 from ember.config import preset
 from ember.data.sources import bundled_documents
@@ -159,6 +165,8 @@ STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
     ("tokenizer", stage_tokenizer),
     ("model", stage_model),
     ("pretrain", stage_pretrain),
+    ("finetune", stage_finetune),
+    ("dpo", stage_dpo),
     ("quantize", stage_quantize),
     ("engine", stage_engine),
     ("rag", stage_rag),

@@ -101,6 +101,38 @@ def _dcp():
     return dcp, get_state_dict, set_state_dict
 
 
+def _frozen(module: nn.Module) -> bool:
+    return not all(p.requires_grad for p in module.parameters())
+
+
+def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state for DCP.
+
+    With frozen parameters (LoRA, QLoRA) only the trained ones are saved: the frozen base comes
+    back from its own checkpoint, a checkpoint stays the size of the adapters, and quantized base
+    layers (whose state-dict keys are not module attributes) never reach DCP's key mapping.
+    """
+    _, get_state_dict, _ = _dcp()
+    if not _frozen(module):
+        return get_state_dict(module, optimizer)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    trained = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    return trained, get_optimizer_state_dict(module, optimizer)
+
+
+def _restore(module: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    _, _, set_state_dict = _dcp()
+    if not _frozen(module):
+        set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    # DCP loaded the trained tensors in place (they are the module's own parameters); the
+    # optimizer state still needs mapping back from names.
+    set_optimizer_state_dict(module, optimizer, optim_sd)
+
+
 class TrainCheckpoints:
     """The checkpoint folders of one run (see the module docstring)."""
 
@@ -174,14 +206,14 @@ class TrainCheckpoints:
     # ---- save / load ---------------------------------------------------------------------------
     def save(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
              trainer_state: dict[str, Any]) -> Path:
-        dcp, get_state_dict, _ = _dcp()
+        dcp, _, _ = _dcp()
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".step-{step:08d}.tmp"
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
             tmp.mkdir(parents=True)
         barrier(self.dist)
-        model_sd, optim_sd = get_state_dict(module, optimizer)
+        model_sd, optim_sd = _state_dicts(module, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -210,8 +242,8 @@ class TrainCheckpoints:
 
     def load(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG from folder; returns the trainer state."""
-        dcp, get_state_dict, set_state_dict = _dcp()
-        model_sd, optim_sd = get_state_dict(module, optimizer)
+        dcp, _, _ = _dcp()
+        model_sd, optim_sd = _state_dicts(module, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         try:
             with warnings.catch_warnings():
@@ -221,7 +253,7 @@ class TrainCheckpoints:
             first = _first_cause(e)
             raise TrainCheckpointError(f"checkpoint {folder} does not fit this model and optimizer "
                                        f"({first}); resume with the same model config") from None
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _restore(module, optimizer, state["model"], state["optim"])
         rng = folder / f"rng-{self.dist.rank}.json"
         if rng.exists():
             set_rng_state(json.loads(rng.read_text()))

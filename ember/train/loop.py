@@ -4,7 +4,9 @@
     result = trainer.fit()
 
 What differs between pretraining, SFT, DPO or LoRA is only what goes in:
-  loss_fn(model, batch) -> (mean loss tensor, tokens processed)   the objective
+  loss_fn(model, batch) -> (mean loss tensor, tokens processed[, {name: float}])   the objective;
+                            named metrics (DPO's rewards/*) are averaged over the step's
+                            micro-batches and ranks and logged with the step
   batches: BatchSource   next_batch() / state_dict() / load_state_dict()   this rank's micro-batches
   val_fn(model) -> {"val_loss": ..., ...}   held-out metrics (called on every rank; reduce inside)
   the model: any nn.Module; parameters with requires_grad=False are not optimised (LoRA)
@@ -152,6 +154,7 @@ class Trainer:
         self.peak_flops = peak_flops
         self._peak_fixed = peak_flops
         self.step = 0
+        self.step_metrics: dict[str, float] = {}  # the loss_fn's named metrics of the last step
         self.tokens = 0
         self.skipped = 0
         self.bad_in_row = 0
@@ -244,17 +247,25 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = 0
+        named: dict[str, float] = {}
         for m in range(self.accum):
             batch = to_device(self.batches.next_batch(), self.device)
             set_grad_sync(self.wrapped, m == self.accum - 1)
             with self.autocast():
-                loss, n = self.loss_fn(self.forward_model, batch)
+                loss, n, *extra = self.loss_fn(self.forward_model, batch)
+            for k, v in (extra[0] if extra else {}).items():
+                named[k] = named.get(k, 0.0) + float(v) / self.accum
             (loss / self.accum).backward()
             loss_sum += loss.detach().double()
             tokens += int(n)
         stats = all_reduce_sum(torch.stack([loss_sum / self.accum, torch.tensor(float(tokens), dtype=torch.float64,
                                                                                 device=self.device)]), self.dist)
         mean_loss = float(stats[0]) / self.dist.world
+        if named:
+            means = all_reduce_sum(torch.tensor(list(named.values()), dtype=torch.float64, device=self.device),
+                                   self.dist) / self.dist.world
+            named = dict(zip(named, means.tolist()))
+        self.step_metrics = named
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -298,7 +309,7 @@ class Trainer:
                 self.tokens += tokens
                 tok_s = tokens / dt
                 record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": self.tokens,
-                          "tok_per_s": tok_s, "step_time": dt}
+                          "tok_per_s": tok_s, "step_time": dt, **self.step_metrics}
                 if self.flops_per_token:
                     record["mfu"] = self.flops_per_token * tok_s / peak
                 if self.bad_in_row:

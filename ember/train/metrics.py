@@ -34,8 +34,11 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
                       seconds: float = 1.0) -> float:
     """Best sustained FLOP/s of an n x n @ n x n matmul on device (best of repeated timings)."""
     n = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: drawing from the global one would shift the RNG stream a resumed run
+    # restored just before (and the dropout masks of every later step).
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     c = a @ b  # warm up kernels and caches
     _sync(device)
     best = float("inf")
