@@ -16,5 +16,7 @@ def test_quickstart_fast_runs_end_to_end(tmp_path) -> None:
     assert tok.decode(ids) == "print('hello')"
     assert model(torch.tensor([ids])).shape == (1, len(ids), tok.vocab_size)
     assert (tmp_path / "qs" / "rag-index" / "index.json").is_file()  # the rag stage built its index
-    assert state.model_dir.name == "pretrained"
+    assert (tmp_path / "qs" / "pretrained" / "config.json").is_file()
+    assert state.model_dir == tmp_path / "qs" / "dpo" / "model"  # each tuning stage's merged model is the latest
+    assert set(state.perplexity) >= {"initial", "pretrained", "finetuned", "dpo"}
     assert state.perplexity["pretrained"] < state.perplexity["initial"] / 2
