@@ -30,6 +30,8 @@ VERBS: dict[str, str] = {
     "export": "export a model to GGUF for llama.cpp (f32, f16, q8_0, q4_0)",
     "chat": "chat with a model in the terminal (serving engine, streamed replies)",
     "rag": "retrieval-augmented generation: ingest documents, search them, answer with citations",
+    "serve": "serve a model over an OpenAI-compatible HTTP API with Prometheus metrics",
+    "bench": "benchmarks: `ember bench serve` loads an OpenAI-compatible server (TTFT, TPOT, tokens/s)",
     "quickstart": "run the whole pipeline end to end on the bundled Python docs and code",
 }
 

@@ -94,6 +94,11 @@ class AsyncLLMEngine:
         return self.engine.stats()
 
     @property
+    def num_unfinished(self) -> int:
+        """Requests added (queued or in the engine) whose stream has not ended: a server's admission count."""
+        return len(self._streams)
+
+    @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done()
 

@@ -1,0 +1,185 @@
+"""The FastAPI app: OpenAI-compatible routes over one AsyncLLMEngine.
+
+    app = create_app("runs/base", served_model_name="base", max_num_seqs=32)   # load + build
+    app = build_app(serving, api_key="sk-local", max_body_bytes=16 * 2**20)    # around a Serving
+
+    GET  /health                   200, or 503 once the engine has failed
+    GET  /version                  {"version": ...}
+    GET  /v1/models[/{id}]         the served model, with max_model_len (as vLLM)
+    POST /v1/completions           completions.py
+    POST /v1/chat/completions      chat.py
+    POST /tokenize, /detokenize    vLLM's: a prompt or messages -> ids (+ strings); ids -> text
+    GET  /metrics                  Prometheus text (metrics.py)
+
+Every failure is an OpenAI-style error body (errors.py): bad JSON or fields 400 naming the
+field, unknown model 404, missing API key 401 (/v1/* only), oversized body 413, a full queue
+429 with Retry-After, an unknown route 404; a bug is a logged 500 with the same shape. The
+lifespan starts the periodic metrics log line and shuts the engine down when the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ember.engine import LLM
+from ember.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from ember.errors import EmberError
+from ember.model.transformer import Transformer
+from ember.serve.chat import create_chat_completion, render_prompt
+from ember.serve.completions import create_completion
+from ember.serve.errors import APIError, bad_request, error_body, error_response
+from ember.serve.metrics import ServerMetrics
+from ember.serve.middleware import ApiKeyGuard, BodyLimit
+from ember.serve.protocol import DetokenizeRequest, TokenizeRequest
+from ember.serve.serving import Serving
+from ember.serve.streaming import ClientDisconnected
+from ember.tokenizer import Tokenizer
+
+log = logging.getLogger("ember.serve")
+
+
+def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathLike | Tokenizer | None = None, *,
+               served_model_name: str | None = None, api_key: str | None = None, max_queue_len: int = 256,
+               max_body_bytes: int = 16 * 2 ** 20, log_interval: float = 10.0, dtype: str = "float32",
+               device: str | None = None, **engine_config: Any) -> FastAPI:
+    """Load a model folder (or a Transformer) into an AsyncLLMEngine and build the app around it."""
+    engine = AsyncLLMEngine(LLM(model, tokenizer, dtype=dtype, device=device, **engine_config).engine)
+    if engine.engine.tokenizer is None:
+        raise EmberError("the server needs a tokenizer: give a model folder with tokenizer files, or --tokenizer")
+    path = "" if isinstance(model, Transformer) else str(model)
+    name = served_model_name or path or "ember"
+    serving = Serving(engine, name, path, max_queue_len, ServerMetrics(engine.stats, name))
+    return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval)
+
+
+def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = 16 * 2 ** 20,
+              log_interval: float = 10.0) -> FastAPI:
+    """The app for one Serving; see the module docstring."""
+    from ember import __version__
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logger = asyncio.create_task(serving.metrics.log_loop(log_interval)) if log_interval > 0 else None
+        try:
+            yield
+        finally:
+            if logger is not None:
+                logger.cancel()
+            await serving.engine.shutdown()
+
+    app = FastAPI(title="ember", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serving = serving
+    _add_error_handlers(app, serving)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if serving.engine.errored is not None:
+            return JSONResponse(error_body(503, f"the engine stopped: {serving.engine.errored}", "engine_error"), 503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    def model_card() -> dict:
+        return {"id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "ember",
+                "root": serving.model_path, "parent": None, "max_model_len": serving.max_model_len}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != serving.model_name:
+            raise APIError(404, f"The model `{model_id[:200]}` does not exist.", "model_not_found", "model")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(serving, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(serving, request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        req = serving.parse(TokenizeRequest, await request.body())
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt or messages")
+        if req.prompt is not None:
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await serving.encode(req.prompt, add_special)
+        else:
+            ids = await render_prompt(serving, req.messages, req.add_generation_prompt, req.continue_final_message,
+                                      bool(req.add_special_tokens), None, req.chat_template_kwargs)
+        out = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = serving.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        req = serving.parse(DetokenizeRequest, await request.body())
+        vocab = serving.engine.engine.model.config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id(s) {bad[:5]} outside the vocabulary of {vocab}", "tokens")
+        return {"prompt": serving.tokenizer.decode(req.tokens)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, on_reject=serving.metrics.count_failure)
+    if api_key:
+        app.add_middleware(ApiKeyGuard, api_key=api_key, on_reject=serving.metrics.count_failure)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, serving: Serving) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> Response:
+        serving.metrics.count_failure(e.code)
+        return error_response(e)
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; the metrics counted the abort
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        message = (f"no route {request.method} {request.url.path[:200]}" if e.status_code in (404, 405)
+                   else str(e.detail))
+        return JSONResponse(error_body(e.status_code, message, code), e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
+        serving.metrics.count_failure("invalid_value")
+        return JSONResponse(error_body(400, str(e.errors()[:1]), "invalid_value"), 400)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(request: Request, e: EngineDeadError) -> Response:
+        serving.metrics.count_failure("engine_error")
+        return JSONResponse(error_body(503, f"the engine failed: {e}", "engine_error"), 503)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        serving.metrics.count_failure("internal_error")
+        return JSONResponse(error_body(500, f"internal server error ({type(e).__name__}); see the server log",
+                                       "internal_error"), 500)
