@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def engine_kwargs(cfg: EngineConfig) -> dict:
 def cpu_threads(threads: int | None) -> int:
     """Torch threads for a server on a CPU: all cores but one unless told. OpenMP workers spin
     between steps, and a core they take from the event loop slows every stream (10x on 2 cores)."""
-    return threads or max(1, torch.get_num_threads() - 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return threads or max(1, cores - 1)
 
 
 def build(cfg: ServeConfig):
