@@ -18,6 +18,8 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
                  (continuous batching, prefix cache); report throughput and cache hits
   8. rag         index the Python documentation topics (all-MiniLM-L6-v2, LanceDB) in rag-index/
                  and answer one question with the latest model, citing the retrieved sources
+  9. serve       the OpenAI-compatible server on the model, asked through the openai client
+                 (whole and streamed); a few Prometheus figures
   eval (last)    one table: the held-out perplexity each stage recorded in state.perplexity,
                  and the latest model on the bundled MMLU-style sample
 """
@@ -38,6 +40,7 @@ from ember.commands.chat import stage_engine
 from ember.commands.dpo import stage_dpo
 from ember.commands.finetune import stage_finetune
 from ember.commands.quantize import stage_quantize
+from ember.commands.serve import stage_serve
 from ember.config import preset
 from ember.data.sources import bundled_documents
 from ember.model.transformer import Transformer
@@ -170,6 +173,7 @@ STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
     ("quantize", stage_quantize),
     ("engine", stage_engine),
     ("rag", stage_rag),
+    ("serve", stage_serve),
     ("eval", stage_eval),  # stays last: it reports on every earlier stage's model
 ]
 

@@ -104,3 +104,37 @@ def main(cfg: ServeConfig) -> None:
              cfg.model, serving.model_name, cfg.host, cfg.port, serving.max_model_len,
              cfg.max_num_seqs, cfg.max_queue_len)
     serve(app, host=cfg.host, port=cfg.port, drain_timeout=cfg.drain_timeout, access_log=cfg.access_log)
+
+
+def stage_serve(state) -> None:
+    """Quickstart stage: serve the latest model, ask it through the official openai client (whole and
+    streamed), print the answers and a few /metrics figures, stop the server."""
+    import httpx
+    import openai
+
+    from ember.serve import create_app, running
+
+    fast = state.cfg.fast
+    app = create_app(state.model_dir, served_model_name="quickstart", kv_cache_memory=0.25, max_num_seqs=16,
+                     log_interval=0)
+    question = [{"role": "user", "content": "What does a Python list comprehension do?"}]
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        whole = client.completions.create(model="quickstart", prompt="def parse(line):",
+                                          max_tokens=16 if fast else 48, temperature=0)
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="quickstart", messages=question, max_tokens=16 if fast else 48, temperature=0.7, seed=state.cfg.seed,
+            stream=True) if c.choices]
+        metrics = httpx.get(url + "/metrics").text
+    figures = {}
+    for line in metrics.splitlines():
+        for name in ("generation_tokens_total", "request_success_total", "time_to_first_token_seconds_sum",
+                     "time_to_first_token_seconds_count", "kv_cache_usage_perc"):
+            if line.startswith(f"ember:{name}{{"):
+                figures[name] = figures.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    ttft = figures["time_to_first_token_seconds_sum"] / max(figures["time_to_first_token_seconds_count"], 1)
+    print(f"  /v1/completions: 'def parse(line):' -> {whole.choices[0].text[:60]!r} "
+          f"({whole.usage.completion_tokens} tokens)")
+    print(f"  /v1/chat/completions streamed {len(pieces)} chunks: {''.join(pieces)[:60]!r}")
+    print(f"  /metrics: {figures['request_success_total']:.0f} requests, {figures['generation_tokens_total']:.0f} "
+          f"tokens generated, mean TTFT {1000 * ttft:.0f} ms, KV cache usage {figures['kv_cache_usage_perc']:.0%}")
