@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ember.atomic import atomic_write_json
-from ember.commands.serve import cpu_threads, engine_kwargs
+from ember.commands.serve import cpu_threads, engine_kwargs, require_serve_extra
 from ember.engine.config import EngineConfig
 from ember.serve.loadgen import (BenchRequest, LoadgenError, LoadOptions, file_requests, format_summary,
                                  random_requests, run_load, summarize)
@@ -184,6 +184,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def bench_serve(cfg: BenchServeConfig) -> dict[str, Any]:
+    require_serve_extra()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     requests, tok = workload(cfg)
     decode = tok.decode if tok is not None else None

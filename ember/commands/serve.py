@@ -82,8 +82,18 @@ def cpu_threads(threads: int | None) -> int:
     return threads or max(1, cores - 1)
 
 
+def require_serve_extra() -> None:
+    """One clear line instead of an ImportError when the optional serving packages are missing."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServeConfigError(f"serving needs {', '.join(missing)}: pip install 'ember[serve]'")
+
+
 def build(cfg: ServeConfig):
     """The app for a config (the model loaded, the engine sized), not yet running."""
+    require_serve_extra()
     from ember.serve.app import create_app
 
     if not cfg.model.is_dir():

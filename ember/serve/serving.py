@@ -67,7 +67,9 @@ class Accumulated:
             seq.text.append(c.text)
             seq.token_ids.extend(c.token_ids)
             if c.logprobs is not None:
-                seq.logprobs = (seq.logprobs or []) + list(c.logprobs)
+                if seq.logprobs is None:
+                    seq.logprobs = []
+                seq.logprobs.extend(c.logprobs)
             if c.finish_reason is not None:
                 seq.finish_reason, seq.stop_reason = c.finish_reason, c.stop_reason
 

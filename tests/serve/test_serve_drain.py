@@ -83,3 +83,16 @@ def test_drain_is_bounded_by_the_timeout(tiny_dir) -> None:
     finally:
         proc.kill()
     assert "timeout graceful shutdown exceeded" in proc.stdout.read()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "/no/such/model"], "is not a folder"),
+    (["--model", ".", "--port", "70000"], "--port"),
+    (["--model", ".", "--max-num-seqs", "0"], "max_num_seqs"),
+])
+def test_config_errors_are_one_line(args, needle, tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ember", "serve", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
