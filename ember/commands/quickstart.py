@@ -19,7 +19,7 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
   8. rag         index the Python documentation topics (all-MiniLM-L6-v2, LanceDB) in rag-index/
                  and answer one question with the latest model, citing the retrieved sources
   9. serve       the OpenAI-compatible server on the model, asked through the openai client
-                 (whole and streamed); a few Prometheus figures
+                 (whole, streamed, and grounded in the rag index); a few Prometheus figures
   eval (last)    one table: the held-out perplexity each stage recorded in state.perplexity,
                  and the latest model on the bundled MMLU-style sample
 """

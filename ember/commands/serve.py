@@ -3,12 +3,15 @@
     ember serve --model runs/quickstart/base                          # http://127.0.0.1:8000/v1
     ember serve --model DIR --served-model-name qs --api-key sk-local --max-num-seqs 128
     ember serve --model DIR --host 0.0.0.0 --port 9000 --max-model-len 2048 --kv-cache-memory 4
+    ember serve --model DIR --rag-index runs/idx          # chat answers grounded in an `ember rag` index
 
 Routes: /v1/completions, /v1/chat/completions (streaming with `"stream": true`), /v1/models,
 /tokenize, /detokenize, /health, /metrics (Prometheus). It binds to 127.0.0.1 unless --host
 says otherwise; --api-key guards /v1/*. Requests beyond max_num_seqs running + --max-queue-len
 waiting get HTTP 429. SIGTERM (or Ctrl-C) drains the requests in flight for at most
---drain-timeout seconds, then exits. Every engine flag of `ember.LLM` is available.
+--drain-timeout seconds, then exits. Every engine flag of `ember.LLM` is available. With
+--rag-index, chat completions are grounded in the index (unless a request sends "rag": false)
+and list their sources in the response.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -52,6 +56,13 @@ class ServeConfig(EngineConfig):
     log_interval: float = field(default=10.0, kw_only=True, metadata={
         "help": "seconds between throughput log lines (0: off)"})
     access_log: bool = field(default=True, kw_only=True, metadata={"help": "log one line per HTTP request"})
+    rag_index: Path | None = field(default=None, kw_only=True, metadata={
+        "help": "ground chat answers in this `ember rag` index (responses list their sources)"})
+    rag_k: int = field(default=5, kw_only=True, metadata={"help": "sources retrieved per grounded request"})
+    rag_mode: Literal["dense", "bm25", "hybrid"] = field(default="hybrid", kw_only=True,
+                                                         metadata={"help": "retrieval mode"})
+    rag_max_tokens: int = field(default=256, kw_only=True, metadata={
+        "help": "answer budget of a grounded request that sets none (the sources fill the rest)"})
     dtype: str = field(default="float32", kw_only=True, metadata={"help": "float32, bfloat16 or float16"})
     device: str | None = field(default=None, kw_only=True, metadata={"help": "cpu, cuda, ... (default: cpu)"})
     threads: int | None = field(default=None, kw_only=True, metadata={
@@ -65,6 +76,8 @@ class ServeConfig(EngineConfig):
             raise ServeConfigError(f"--max-queue-len must be >= 0, got {self.max_queue_len}")
         if self.max_body_mb <= 0:
             raise ServeConfigError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
+        if self.rag_k < 1 or self.rag_max_tokens < 1:
+            raise ServeConfigError("--rag-k and --rag-max-tokens must be >= 1")
 
 
 CONFIG = ServeConfig
@@ -102,7 +115,8 @@ def build(cfg: ServeConfig):
         torch.set_num_threads(cpu_threads(cfg.threads))
     return create_app(cfg.model, cfg.tokenizer, served_model_name=cfg.served_model_name, api_key=cfg.api_key,
                       max_queue_len=cfg.max_queue_len, max_body_bytes=int(cfg.max_body_mb * 2 ** 20),
-                      log_interval=cfg.log_interval, dtype=cfg.dtype, device=cfg.device, **engine_kwargs(cfg))
+                      log_interval=cfg.log_interval, dtype=cfg.dtype, device=cfg.device, rag_index=cfg.rag_index,
+                      rag_k=cfg.rag_k, rag_mode=cfg.rag_mode, rag_max_tokens=cfg.rag_max_tokens, **engine_kwargs(cfg))
 
 
 def main(cfg: ServeConfig) -> None:
@@ -117,34 +131,47 @@ def main(cfg: ServeConfig) -> None:
 
 
 def stage_serve(state) -> None:
-    """Quickstart stage: serve the latest model, ask it through the official openai client (whole and
-    streamed), print the answers and a few /metrics figures, stop the server."""
+    """Quickstart stage: serve the latest model (grounded in the rag stage's index when there is one),
+    ask it through the official openai client (whole and streamed), print the answers, the sources
+    and a few /metrics figures, stop the server."""
     import httpx
     import openai
 
     from ember.serve import create_app, running
 
     fast = state.cfg.fast
+    index = state.cfg.out / "rag-index"
     app = create_app(state.model_dir, served_model_name="quickstart", kv_cache_memory=0.25, max_num_seqs=16,
-                     log_interval=0)
+                     log_interval=0, rag_index=index if (index / "index.json").is_file() else None,
+                     rag_max_tokens=32 if fast else 64)
     question = [{"role": "user", "content": "What does a Python list comprehension do?"}]
+    max_tokens = 16 if fast else 48
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-        whole = client.completions.create(model="quickstart", prompt="def parse(line):",
-                                          max_tokens=16 if fast else 48, temperature=0)
-        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="quickstart", messages=question, max_tokens=16 if fast else 48, temperature=0.7, seed=state.cfg.seed,
-            stream=True) if c.choices]
+        whole = client.completions.create(model="quickstart", prompt="def parse(line):", max_tokens=max_tokens,
+                                          temperature=0)
+        chunks = list(client.chat.completions.create(model="quickstart", messages=question, max_tokens=max_tokens,
+                                                     temperature=0.7, seed=state.cfg.seed, stream=True,
+                                                     extra_body={"rag": False}))
+        grounded = None
+        if app.state.serving.grounding is not None:
+            grounded = client.chat.completions.create(model="quickstart", messages=question, temperature=0)
         metrics = httpx.get(url + "/metrics").text
-    figures = {}
+    figures: dict[str, float] = {}
     for line in metrics.splitlines():
-        for name in ("generation_tokens_total", "request_success_total", "time_to_first_token_seconds_sum",
-                     "time_to_first_token_seconds_count", "kv_cache_usage_perc"):
-            if line.startswith(f"ember:{name}{{"):
-                figures[name] = figures.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        name = line.split("{", 1)[0].removeprefix("ember:")
+        if name in ("generation_tokens_total", "request_success_total", "time_to_first_token_seconds_sum",
+                    "time_to_first_token_seconds_count", "kv_cache_usage_perc"):
+            figures[name] = figures.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     ttft = figures["time_to_first_token_seconds_sum"] / max(figures["time_to_first_token_seconds_count"], 1)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     print(f"  /v1/completions: 'def parse(line):' -> {whole.choices[0].text[:60]!r} "
           f"({whole.usage.completion_tokens} tokens)")
-    print(f"  /v1/chat/completions streamed {len(pieces)} chunks: {''.join(pieces)[:60]!r}")
+    print(f"  /v1/chat/completions streamed {len(chunks)} chunks: {text[:60]!r}")
+    if grounded is not None:
+        sources = grounded.model_extra["sources"]
+        print(f"  grounded in {index.name}/ ({grounded.usage.prompt_tokens}-token prompt): "
+              f"{grounded.choices[0].message.content[:60]!r}; sources "
+              + ", ".join(f"[{s['n']}] {s['source']}" for s in sources))
     print(f"  /metrics: {figures['request_success_total']:.0f} requests, {figures['generation_tokens_total']:.0f} "
           f"tokens generated, mean TTFT {1000 * ttft:.0f} ms, KV cache usage {figures['kv_cache_usage_perc']:.0%}")

@@ -10,6 +10,7 @@
     POST /v1/chat/completions      chat.py
     POST /tokenize, /detokenize    vLLM's: a prompt or messages -> ids (+ strings); ids -> text
     GET  /metrics                  Prometheus text (metrics.py)
+With a RAG index, chat answers are grounded in it and return their sources (grounding.py).
 
 Every failure is an OpenAI-style error body (errors.py): bad JSON or fields 400 naming the
 field, unknown model 404, missing API key 401 (/v1/* only), oversized body 413, a full queue
@@ -37,9 +38,10 @@ from ember.engine import LLM
 from ember.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from ember.errors import EmberError
 from ember.model.transformer import Transformer
-from ember.serve.chat import create_chat_completion, render_prompt
+from ember.serve.chat import create_chat_completion, message_dicts, render_prompt
 from ember.serve.completions import create_completion
 from ember.serve.errors import APIError, bad_request, error_body, error_response
+from ember.serve.grounding import Grounding
 from ember.serve.metrics import ServerMetrics
 from ember.serve.middleware import ApiKeyGuard, BodyLimit
 from ember.serve.protocol import DetokenizeRequest, TokenizeRequest
@@ -53,14 +55,17 @@ log = logging.getLogger("ember.serve")
 def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathLike | Tokenizer | None = None, *,
                served_model_name: str | None = None, api_key: str | None = None, max_queue_len: int = 256,
                max_body_bytes: int = 16 * 2 ** 20, log_interval: float = 10.0, dtype: str = "float32",
-               device: str | None = None, **engine_config: Any) -> FastAPI:
-    """Load a model folder (or a Transformer) into an AsyncLLMEngine and build the app around it."""
+               device: str | None = None, rag_index: str | os.PathLike | None = None, rag_k: int = 5,
+               rag_mode: str = "hybrid", rag_max_tokens: int = 256, **engine_config: Any) -> FastAPI:
+    """Load a model folder (or a Transformer) into an AsyncLLMEngine and build the app around it;
+    with rag_index, chat answers are grounded in that index (grounding.py)."""
     engine = AsyncLLMEngine(LLM(model, tokenizer, dtype=dtype, device=device, **engine_config).engine)
     if engine.engine.tokenizer is None:
         raise EmberError("the server needs a tokenizer: give a model folder with tokenizer files, or --tokenizer")
+    grounding = Grounding(rag_index, rag_k, rag_mode, rag_max_tokens) if rag_index is not None else None
     path = "" if isinstance(model, Transformer) else str(model)
     name = served_model_name or path or "ember"
-    serving = Serving(engine, name, path, max_queue_len, ServerMetrics(engine.stats, name))
+    serving = Serving(engine, name, path, max_queue_len, ServerMetrics(engine.stats, name), grounding)
     return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval)
 
 
@@ -78,6 +83,8 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
             if logger is not None:
                 logger.cancel()
             await serving.engine.shutdown()
+            if serving.grounding is not None:
+                serving.grounding.close()
 
     app = FastAPI(title="ember", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serving = serving
@@ -124,8 +131,9 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             ids = await serving.encode(req.prompt, add_special)
         else:
-            ids = await render_prompt(serving, req.messages, req.add_generation_prompt, req.continue_final_message,
-                                      bool(req.add_special_tokens), None, req.chat_template_kwargs)
+            ids = await render_prompt(serving, message_dicts(req.messages), req.add_generation_prompt,
+                                      req.continue_final_message, bool(req.add_special_tokens), None,
+                                      req.chat_template_kwargs)
         out = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = serving.tokenizer.convert_ids_to_tokens(ids)

@@ -3,7 +3,8 @@
 Content may be a string or OpenAI's content parts (text parts only, joined by newlines as vLLM
 does for string templates). `tools` are passed to the template; tool calls in the reply are not
 parsed, so `tool_choice` must be "auto" or "none", and `response_format` must be text.
-`max_completion_tokens` (or the older `max_tokens`) defaults to the rest of the context.
+`max_completion_tokens` (or the older `max_tokens`) defaults to the rest of the context. With a
+RAG index the last user message is grounded in it first (grounding.py).
 `logprobs: true` with `top_logprobs: k` gives OpenAI's chat shape. A stream starts each choice
 with a `{"role": "assistant"}` delta and ends it with its finish_reason; with
 `stream_options.include_usage` a last chunk carries the usage and no choices.
@@ -47,7 +48,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-async def render_prompt(serving: Serving, messages: list[ChatMessage], add_generation_prompt: bool,
+async def render_prompt(serving: Serving, msgs: list[dict[str, Any]], add_generation_prompt: bool,
                   continue_final_message: bool, add_special_tokens: bool, tools: list | None,
                   template_kwargs: dict[str, Any] | None) -> list[int]:
     """Prompt token ids of a conversation (shared by chat completions and /tokenize)."""
@@ -56,7 +57,6 @@ async def render_prompt(serving: Serving, messages: list[ChatMessage], add_gener
     clash = _RESERVED & set(template_kwargs or {})
     if clash:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(sorted(clash))}", "chat_template_kwargs")
-    msgs = message_dicts(messages)
     tok = serving.tokenizer
     try:
         text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tools=tools,
@@ -82,14 +82,22 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
         raise bad_request("tool_choice must be 'auto' or 'none': ember does not parse tool calls", "tool_choice")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    ids = await render_prompt(serving, req.messages, req.add_generation_prompt, req.continue_final_message,
-                        req.add_special_tokens, req.tools, req.chat_template_kwargs)
-    max_tokens = serving.check_length(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
+    msgs, sources = message_dicts(req.messages), None
+    asked = req.max_completion_tokens or req.max_tokens
+    use_rag = req.rag if req.rag is not None else serving.grounding is not None
+    if use_rag:
+        if serving.grounding is None:
+            raise bad_request("rag: this server has no RAG index (start it with --rag-index DIR)", "rag")
+        asked = asked or serving.grounding.max_tokens
+        msgs, sources = await serving.grounding.ground(msgs, serving.tokenizer, serving.max_model_len, asked)
+    ids = await render_prompt(serving, msgs, req.add_generation_prompt, req.continue_final_message,
+                              req.add_special_tokens, req.tools, req.chat_template_kwargs)
+    max_tokens = serving.check_length(len(ids), asked, "messages")
     try:
         params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     except SamplingParamsError as e:
         raise bad_request(str(e)) from None
-    view = _Chat(serving, req, ids, f"chatcmpl-{uuid.uuid4().hex}")
+    view = _Chat(serving, req, ids, f"chatcmpl-{uuid.uuid4().hex}", sources)
     reqs = serving.start(view.id, [ids], [params])
     if req.stream:
         return SSEResponse(view.chunks(reqs), on_close=reqs.abort)
@@ -99,8 +107,9 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
 class _Chat:
     """Builds one request's response body or stream chunks in OpenAI's chat shape."""
 
-    def __init__(self, serving: Serving, req: ChatCompletionRequest, ids: list[int], response_id: str) -> None:
-        self.serving, self.req, self.ids, self.id = serving, req, ids, response_id
+    def __init__(self, serving: Serving, req: ChatCompletionRequest, ids: list[int], response_id: str,
+                 sources: list[dict[str, Any]] | None) -> None:
+        self.serving, self.req, self.ids, self.id, self.sources = serving, req, ids, response_id, sources
         self.created = int(time.time())
         decode = serving.tokenizer.decode
         self.decode_one = lambda t: decode([t])  # noqa: E731
@@ -125,6 +134,8 @@ class _Chat:
                 "model": self.serving.model_name, "choices": choices, "usage": self._usage(acc.num_generated)}
         if self.req.prompt_logprobs is not None and acc.prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(acc.prompt_logprobs)
+        if self.sources is not None:
+            body["sources"] = self.sources
         return body
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
@@ -140,8 +151,11 @@ class _Chat:
                 for c in delta.outputs:
                     if c.index not in started:
                         started.add(c.index)
-                        yield self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None})
+                        chunk = self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None})
+                        if self.sources is not None and len(started) == 1:
+                            chunk["sources"] = self.sources
+                        yield chunk
                     generated += len(c.token_ids)
                     lps = self._logprobs(c.token_ids, c.logprobs)
                     if not c.text and c.finish_reason is None and not (lps and lps["content"]):

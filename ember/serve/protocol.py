@@ -6,7 +6,8 @@
 Fields follow OpenAI's API reference (completions, chat completions) plus the extra names vLLM's
 server accepts (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos, min_tokens,
 include_stop_str_in_output, skip_special_tokens, prompt_logprobs, add_special_tokens,
-add_generation_prompt, continue_final_message, chat_template_kwargs). Unknown fields are accepted
+add_generation_prompt, continue_final_message, chat_template_kwargs) and ember's `rag` (grounding.py).
+Unknown fields are accepted
 and ignored, as vLLM does (the app logs their names), so a client sending a newer OpenAI field
 keeps working; a known field with a wrong type or out-of-range value is a 400 naming it. NaN
 and infinity are refused everywhere. Responses are plain dicts built by completions.py and
@@ -147,6 +148,8 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     add_special_tokens: bool = False  # the template writes any BOS itself
     chat_template_kwargs: dict[str, Any] | None = None
+    # ember's: ground the answer in the server's --rag-index (default: yes when it has one)
+    rag: bool | None = None
 
 
 class TokenizeRequest(OpenAIModel):

@@ -30,6 +30,7 @@ from ember.engine.request import PositionLogprobs, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.errors import EmberError
 from ember.serve.errors import APIError, bad_request, validation_error
+from ember.serve.grounding import Grounding
 from ember.serve.metrics import ServerMetrics
 from ember.serve.streaming import unless_disconnected
 from ember.tokenizer import Tokenizer
@@ -82,8 +83,9 @@ class Serving:
     """Shared state and checks of the OpenAI endpoints; see the module docstring."""
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, model_path: str, max_queue_len: int,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, grounding: Grounding | None = None) -> None:
         self.engine = engine
+        self.grounding = grounding
         self.model_name = model_name
         self.model_path = model_path
         self.max_queue_len = max_queue_len
