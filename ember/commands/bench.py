@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -109,8 +110,8 @@ def _flags(cfg: BenchServeConfig) -> list[str]:
 
 
 @contextlib.contextmanager
-def served(cfg: BenchServeConfig) -> Iterator[str]:
-    """`ember serve --model` in a subprocess on a free port for the run (SIGTERM at the end)."""
+def served(cfg: BenchServeConfig) -> Iterator[tuple[str, int]]:
+    """`ember serve --model` in a subprocess on a free port for the run (SIGTERM at the end): (url, pid)."""
     import httpx
 
     if cfg.model is None:
@@ -137,7 +138,7 @@ def served(cfg: BenchServeConfig) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise LoadgenError("`ember serve` did not become ready in 600 s")
             time.sleep(0.25)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -158,19 +159,33 @@ def run_offline(cfg: BenchServeConfig, requests: list[BenchRequest]) -> dict[str
     params = [SamplingParams(temperature=cfg.temperature, max_tokens=r.output_len, ignore_eos=cfg.ignore_eos,
                              seed=cfg.seed) for r in requests]
     llm.generate(requests[0].prompt, SamplingParams(max_tokens=2))  # warm-up, as the load run has
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate([r.prompt for r in requests], params)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {"duration_s": seconds, "total_output_tokens": tokens, "output_throughput": tokens / seconds,
+    return {"duration_s": seconds, "cpu_s": cpu, "total_output_tokens": tokens, "output_throughput": tokens / seconds,
             "request_throughput": len(requests) / seconds}
 
 
-def _load(cfg: BenchServeConfig, url: str, requests: list[BenchRequest], rate: float, decode) -> dict[str, Any]:
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) a local process has used so far, from /proc; None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load(cfg: BenchServeConfig, url: str, pid: int | None, requests: list[BenchRequest], rate: float,
+          decode) -> dict[str, Any]:
     opts = LoadOptions(rate, cfg.max_concurrency, cfg.endpoint, cfg.served_model_name, cfg.ignore_eos,
                        cfg.temperature, cfg.seed, cfg.api_key, cfg.timeout)
+    cpu0 = _cpu_seconds(pid)
     results, seconds = asyncio.run(run_load(url, requests, opts, decode))
+    cpu1 = _cpu_seconds(pid)
     summary = summarize(results, seconds)
+    if cpu0 is not None and cpu1 is not None:
+        summary["server_cpu_s"] = cpu1 - cpu0  # the served process (engine + HTTP), warm-up request included
     summary["request_rate"] = _jsonable(rate)
     summary["per_request"] = [dataclasses.asdict(r) for r in results]
     return summary
@@ -189,15 +204,15 @@ def bench_serve(cfg: BenchServeConfig) -> dict[str, Any]:
     requests, tok = workload(cfg)
     decode = tok.decode if tok is not None else None
     result: dict[str, Any] = {"config": {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}, "runs": []}
-    with (contextlib.nullcontext(cfg.base_url) if cfg.base_url else served(cfg)) as url:
+    with (contextlib.nullcontext((cfg.base_url, None)) if cfg.base_url else served(cfg)) as (url, pid):
         if cfg.saturation_fraction is not None:
-            saturation = _load(cfg, url, requests, math.inf, decode)
+            saturation = _load(cfg, url, pid, requests, math.inf, decode)
             print(format_summary(saturation, "saturation (all at once)"))
             result["runs"].append(saturation)
             rate = cfg.saturation_fraction * saturation["request_throughput"]
         else:
             rate = cfg.request_rate
-        run = _load(cfg, url, requests, rate, decode)
+        run = _load(cfg, url, pid, requests, rate, decode)
         title = "all at once" if math.isinf(rate) else f"Poisson {rate:.2f} req/s"
         print(format_summary(run, f"ember bench serve: {title}"))
         result["runs"].append(run)
@@ -211,6 +226,10 @@ def bench_serve(cfg: BenchServeConfig) -> dict[str, Any]:
         print(f"offline LLM: {off['total_output_tokens']} tokens in {off['duration_s']:.2f}s = "
               f"{off['output_throughput']:.1f} tok/s; server {run['output_throughput']:.1f} tok/s = "
               f"{ratio:.1%} of offline")
+        if "server_cpu_s" in run:  # less disturbed by other jobs on the machine than wall-clock time
+            result["cpu_offline_over_server"] = off["cpu_s"] / run["server_cpu_s"]
+            print(f"CPU time: offline {off['cpu_s']:.1f}s, server process {run['server_cpu_s']:.1f}s "
+                  f"(offline / server = {result['cpu_offline_over_server']:.1%})")
     if cfg.save_result is not None:
         atomic_write_json(cfg.save_result, result)
         print(f"results written to {cfg.save_result}")

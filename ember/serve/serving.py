@@ -3,8 +3,9 @@
     serving = Serving(engine, "my-model", "runs/base", max_queue_len=256, metrics=metrics)
     req = serving.parse(CompletionRequest, await request.body())          # 400 naming the field
     max_tokens = serving.check_length(len(ids), req.max_tokens)             # 400 saying the lengths
-    streams = serving.start("cmpl-1", [ids], [params])                      # 429 when the queue is full
-    results = await serving.collect(request, streams)                       # list[Accumulated]
+    reqs = serving.start("cmpl-1", [ids], [params])                         # 429 when the queue is full
+    results = await serving.collect(request, reqs)                          # list[Accumulated]
+    return SSEResponse(chunks(reqs.streams), on_close=reqs.abort)           # or stream the deltas
 
 Admission: the engine runs at most max_num_seqs sequences; requests beyond that wait in its
 queue. The server admits a request only while fewer than max_num_seqs + max_queue_len are
@@ -40,7 +41,7 @@ M = TypeVar("M", bound=BaseModel)
 _THREAD_ENCODE_CHARS = 8192  # longer texts are tokenized off the event loop
 
 
-class Sequence:
+class GeneratedSequence:
     """One generated sequence, accumulated from its deltas."""
 
     def __init__(self) -> None:
@@ -55,7 +56,7 @@ class Accumulated:
     """A whole request's output built from its stream of deltas (n sequences, prompt logprobs)."""
 
     def __init__(self) -> None:
-        self.seqs: dict[int, Sequence] = {}
+        self.seqs: dict[int, GeneratedSequence] = {}
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
         self.metrics: RequestMetrics | None = None
 
@@ -64,7 +65,7 @@ class Accumulated:
             self.prompt_logprobs = delta.prompt_logprobs
         self.metrics = delta.metrics
         for c in delta.outputs:
-            seq = self.seqs.setdefault(c.index, Sequence())
+            seq = self.seqs.setdefault(c.index, GeneratedSequence())
             seq.text.append(c.text)
             seq.token_ids.extend(c.token_ids)
             if c.logprobs is not None:

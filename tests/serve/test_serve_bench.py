@@ -92,3 +92,11 @@ def test_bench_needs_a_server_or_a_model(tmp_path) -> None:
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--dataset" in lines[0], proc.stderr
+
+
+def test_bench_serves_the_model_itself_when_no_url(tiny_dir) -> None:
+    out = bench_serve(BenchServeConfig(model=tiny_dir, num_prompts=4, input_len=8, output_len=4, offline=True,
+                                       num_kv_blocks=128, threads=1))
+    run = out["runs"][0]
+    assert run["completed"] == 4 and run["total_output_tokens"] == 16
+    assert run["server_cpu_s"] > 0 and out["cpu_offline_over_server"] > 0  # the served process, from /proc
