@@ -156,3 +156,32 @@ def test_tokenize_and_detokenize(server, tokenizer, client) -> None:
     chat = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
     usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage
     assert chat["count"] == usage.prompt_tokens
+
+
+def test_streamed_choices_of_several_prompts_and_n(client) -> None:
+    body = dict(model="tiny", prompt=PROMPTS, max_tokens=8, temperature=0.9, seed=3, n=2)
+    whole = client.completions.create(**body)
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in client.completions.create(**body, stream=True):
+        (c,) = chunk.choices  # one choice per chunk, as OpenAI streams them
+        texts[c.index] = texts.get(c.index, "") + c.text
+        if c.finish_reason:
+            finished.add(c.index)
+    assert finished == {0, 1, 2, 3}
+    assert texts == {c.index: c.text for c in whole.choices}
+
+
+def test_streamed_logprobs(client) -> None:
+    messages = [{"role": "user", "content": "Name a loop."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    streamed = [t for c in client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                          logprobs=True, top_logprobs=2, stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in whole.choices[0].logprobs.content]
+    echo = [c.choices[0] for c in client.completions.create(model="tiny", prompt="x = 1", max_tokens=3, temperature=0,
+                                                            logprobs=1, echo=True, stream=True) if c.choices]
+    assert echo[0].logprobs.token_logprobs[0] is None  # the echoed prompt comes first
+    offsets = [o for c in echo for o in c.logprobs.text_offset]
+    assert offsets == sorted(offsets) and "".join(c.text for c in echo).startswith("x = 1")
