@@ -135,7 +135,8 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
     if hf_cfg.get("quantization_config"):
         from ember.quant.checkpoint import load_quantized  # only quantized checkpoints need it
 
-        return load_quantized(folder, cfg, hf_cfg["quantization_config"], torch_dtype, device)
+        model = load_quantized(folder, cfg, hf_cfg["quantization_config"], torch_dtype, device)
+        return _with_adapter(model, adapter).eval()
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.state_dict())
@@ -148,11 +149,15 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    return _with_adapter(model, adapter).to(device).eval()
+
+
+def _with_adapter(model: Transformer, adapter: str | os.PathLike | None) -> Transformer:
     if adapter is not None:
         from ember.checkpoint.peft import load_adapter  # peft.py imports this module
 
         load_adapter(model, adapter)
-    return model.to(device).eval()
+    return model
 
 
 def save_model(model: Transformer, out_dir: str | os.PathLike,

@@ -23,6 +23,7 @@ class ChatConfig:
 
     model: Path = field(metadata={"help": "model folder (config.json + safetensors + tokenizer)"})
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (default: the model folder)"})
+    adapter: Path | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder to apply"})
     system: str | None = field(default=None, metadata={"help": "system prompt"})
     max_tokens: int = field(default=256, metadata={"help": "longest reply in tokens"})
     temperature: float = field(default=0.7, metadata={"help": "0 = greedy"})
@@ -36,7 +37,7 @@ CONFIG = ChatConfig
 
 
 def main(cfg: ChatConfig) -> None:
-    llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory)
+    llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, adapter=cfg.adapter, kv_cache_memory=cfg.kv_cache_memory)
     engine, tok = llm.engine, llm.get_tokenizer()
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_tokens=cfg.max_tokens)
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []

@@ -4,6 +4,7 @@
     ember serve --model DIR --served-model-name qs --api-key sk-local --max-num-seqs 128
     ember serve --model DIR --host 0.0.0.0 --port 9000 --max-model-len 2048 --kv-cache-memory 4
     ember serve --model DIR --rag-index runs/idx          # chat answers grounded in an `ember rag` index
+    ember serve --model runs/quickstart/pretrained --adapter runs/quickstart/finetune/adapter   # + a LoRA adapter
 
 Routes: /v1/completions, /v1/chat/completions (streaming with `"stream": true`), /v1/models,
 /tokenize, /detokenize, /health, /metrics (Prometheus). It binds to 127.0.0.1 unless --host
@@ -42,6 +43,8 @@ class ServeConfig(EngineConfig):
     model: Path = field(kw_only=True, metadata={"help": "model folder (HF layout, tokenizer alongside)"})
     tokenizer: Path | None = field(default=None, kw_only=True,
                                    metadata={"help": "tokenizer folder (default: the model folder)"})
+    adapter: Path | None = field(default=None, kw_only=True, metadata={
+        "help": "PEFT LoRA adapter folder applied to the model (merged into full-precision weights)"})
     served_model_name: str | None = field(default=None, kw_only=True, metadata={
         "help": "the name clients send as `model` (default: --model as given)"})
     host: str = field(default="127.0.0.1", kw_only=True, metadata={"help": "address to bind (0.0.0.0: all)"})
@@ -111,11 +114,15 @@ def build(cfg: ServeConfig):
 
     if not cfg.model.is_dir():
         raise ServeConfigError(f"--model {cfg.model} is not a folder: give a model folder (config.json + weights)")
+    if cfg.adapter is not None and not cfg.adapter.is_dir():
+        raise ServeConfigError(f"--adapter {cfg.adapter} is not a folder: give a PEFT adapter folder "
+                               "(adapter_config.json + adapter_model.safetensors)")
     if cfg.device in (None, "cpu") or cfg.threads:
         torch.set_num_threads(cpu_threads(cfg.threads))
     return create_app(cfg.model, cfg.tokenizer, served_model_name=cfg.served_model_name, api_key=cfg.api_key,
                       max_queue_len=cfg.max_queue_len, max_body_bytes=int(cfg.max_body_mb * 2 ** 20),
-                      log_interval=cfg.log_interval, dtype=cfg.dtype, device=cfg.device, rag_index=cfg.rag_index,
+                      log_interval=cfg.log_interval, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter,
+                      rag_index=cfg.rag_index,
                       rag_k=cfg.rag_k, rag_mode=cfg.rag_mode, rag_max_tokens=cfg.rag_max_tokens, **engine_kwargs(cfg))
 
 

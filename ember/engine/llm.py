@@ -35,13 +35,17 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | Transformer, tokenizer: str | os.PathLike | Tokenizer | None = None,
                  *, dtype: str = "float32", device: str | None = None, skip_tokenizer_init: bool = False,
-                 **engine_config: Any) -> None:
+                 adapter: str | os.PathLike | None = None, **engine_config: Any) -> None:
         if isinstance(model, Transformer):
+            if adapter is not None:
+                raise RequestError("adapter= applies to a model folder; apply it to a Transformer yourself")
             module = model
         else:
             from ember.checkpoint.hf import load_model
 
-            module = load_model(model, dtype=dtype)
+            module = load_model(model, dtype=dtype, adapter=adapter)
+            if adapter is not None:
+                _merge_if_possible(module)
             if tokenizer is None and not skip_tokenizer_init:
                 tokenizer = model
         if device is not None:
@@ -112,3 +116,16 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
     if isinstance(prompt, str):
         return prompt
     return list(prompt)
+
+
+def _merge_if_possible(model: Transformer) -> None:
+    """Fold a LoRA adapter into full-precision base weights, so decoding runs at base-model speed.
+
+    Over a quantized base (QLoRA) the adapter stays unmerged: the low-rank update runs beside
+    the packed base layer, exactly as it was trained.
+    """
+    from ember.adapters.lora import lora_layers, merge_and_unload
+
+    if all(isinstance(layer.base_layer, torch.nn.Linear) and layer.base_layer.weight.is_floating_point()
+           for _, layer in lora_layers(model)):
+        merge_and_unload(model)

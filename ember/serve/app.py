@@ -55,11 +55,11 @@ log = logging.getLogger("ember.serve")
 def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathLike | Tokenizer | None = None, *,
                served_model_name: str | None = None, api_key: str | None = None, max_queue_len: int = 256,
                max_body_bytes: int = 16 * 2 ** 20, log_interval: float = 10.0, dtype: str = "float32",
-               device: str | None = None, rag_index: str | os.PathLike | None = None, rag_k: int = 5,
+               device: str | None = None, adapter: str | os.PathLike | None = None, rag_index: str | os.PathLike | None = None, rag_k: int = 5,
                rag_mode: str = "hybrid", rag_max_tokens: int = 256, **engine_config: Any) -> FastAPI:
-    """Load a model folder (or a Transformer) into an AsyncLLMEngine and build the app around it;
-    with rag_index, chat answers are grounded in that index (grounding.py)."""
-    engine = AsyncLLMEngine(LLM(model, tokenizer, dtype=dtype, device=device, **engine_config).engine)
+    """Load a model folder (or a Transformer; a LoRA `adapter` folder on top) into an AsyncLLMEngine
+    and build the app around it; with rag_index, chat answers are grounded in that index (grounding.py)."""
+    engine = AsyncLLMEngine(LLM(model, tokenizer, dtype=dtype, device=device, adapter=adapter, **engine_config).engine)
     if engine.engine.tokenizer is None:
         raise EmberError("the server needs a tokenizer: give a model folder with tokenizer files, or --tokenizer")
     grounding = Grounding(rag_index, rag_k, rag_mode, rag_max_tokens) if rag_index is not None else None
