@@ -14,7 +14,6 @@ atomically and shards above `max_shard_bytes`. A config.json with a `quantizatio
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 from ember.atomic import atomic_write, atomic_write_json
 from ember.checkpoint.hf_config import config_from_hf, config_to_hf
 from ember.errors import EmberError
+from ember.jsonfile import read_json_object
 from ember.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -49,12 +49,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return read_json_object(path, CheckpointError, "is the folder a complete Hugging Face checkpoint?")
 
 
 def model_dir(path: str | os.PathLike) -> Path:

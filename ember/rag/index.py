@@ -17,7 +17,6 @@ dimension, or asking for other chunk settings, is an error naming the fix.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.atomic import atomic_write_json
+from ember.jsonfile import read_json_object
 from ember.rag.chunking import Chunker
 from ember.rag.embed import DEFAULT_EMBEDDER, Embedder
 from ember.rag.errors import RagError
@@ -56,13 +56,7 @@ class IndexSettings:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RagError(f"{path} is damaged ({e}): rebuild the index with `ember rag ingest`") from None
-    if not isinstance(data, dict):
-        raise RagError(f"{path} is damaged (not a JSON object): rebuild the index with `ember rag ingest`")
-    return data
+    return read_json_object(path, RagError, "the index is damaged; rebuild it with `ember rag ingest`")
 
 
 class Index:

@@ -13,13 +13,13 @@ The precedence rules follow transformers, so both read a folder the same way.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 
+from ember.jsonfile import read_json_object
 from ember.tokenizer.tokenizer import SPECIAL_TOKEN_NAMES, Tokenizer, TokenizerError
 
 # transformers writes int(1e30) as model_max_length when a model has no known limit.
@@ -69,15 +69,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e}): fix or delete the file") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}: fix or delete the file")
-    return data
+    return read_json_object(path, TokenizerError, "fix or delete the file", missing_ok=True)
 
 
 def _token_str(value: Any) -> str | None:
