@@ -153,8 +153,10 @@ def stage_rag(state: QuickstartState) -> None:
     print(f"  Q: {RAG_QUESTION}")
     for s in answer.sources:
         print(f"  [{s.n}] {s.label()}  (score {s.score:.4f}{', truncated to fit' if s.truncated else ''})")
-    print(f"  A ({state.model_dir.name}, {grounded.prompt_tokens}-token prompt; an untrained model answers "
-          f"noise): {answer.text[:200]!r}")
+    where = state.model_dir.relative_to(state.cfg.out) if state.model_dir.is_relative_to(state.cfg.out) \
+        else state.model_dir
+    print(f"  A ({where}, {grounded.prompt_tokens}-token prompt; a 10M-parameter model trained for minutes "
+          f"mostly repeats itself): {answer.text[:200]!r}")
 
 
 def stage_eval(state: QuickstartState) -> None:
