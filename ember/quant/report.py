@@ -16,6 +16,7 @@ One row per model, the same measurements for the unquantized baseline and every 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ def format_table(rows: list[QuantRow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         delta = "" if r.delta_pct is None else f"{r.delta_pct:+.2f}%"
+        speed = "-" if math.isnan(r.tokens_per_s) else f"{r.tokens_per_s:.1f}"  # decode not timed
         lines.append(f"{r.label:<14} {r.bits_per_weight:>7.2f} {r.weight_mb:>8.2f} {r.layer_ratio:>8.2f}x "
-                     f"{r.model_ratio:>7.2f}x {r.perplexity:>9.3f} {delta:>8} {r.tokens_per_s:>8.1f}")
+                     f"{r.model_ratio:>7.2f}x {r.perplexity:>9.3f} {delta:>8} {speed:>8}")
     return "\n".join(lines)
