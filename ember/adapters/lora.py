@@ -133,12 +133,17 @@ class LoRALinear(nn.Module):
         """The update B @ A * scaling, shaped like the base weight (out, in)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    def _base_weight(self) -> torch.Tensor:
+    @property
+    def mergeable(self) -> bool:
+        """Whether the update can be folded into the base weight (a float nn.Linear, not a packed one)."""
         w = getattr(self.base_layer, "weight", None)
-        if not isinstance(self.base_layer, nn.Linear) or w is None or not w.is_floating_point():
+        return isinstance(self.base_layer, nn.Linear) and w is not None and w.is_floating_point()
+
+    def _base_weight(self) -> torch.Tensor:
+        if not self.mergeable:
             raise LoRAError(f"cannot merge a LoRA adapter into a {type(self.base_layer).__name__} base layer: "
                             "save the adapter and merge it into the full-precision base instead")
-        return w
+        return self.base_layer.weight
 
     @torch.no_grad()
     def merge(self) -> None:

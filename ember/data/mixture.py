@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.data.shards import TokenShards, build_shards, load_manifest, tokenizer_fingerprint
+from ember.data.shards import VAL_FRACTION, TokenShards, build_shards, load_manifest, tokenizer_fingerprint
 from ember.data.sources import DataSourceError, Document, path_documents, pydoc_topics, stdlib_sources
 from ember.tokenizer import Tokenizer
 
@@ -104,7 +104,7 @@ def source_fingerprint(c: Component, text_field: str, code_bytes: int | None) ->
 
 
 def prepare_mixture(components: Sequence[Component], tok: Tokenizer, data_dir: str | Path, *,
-                    val_fraction: float = 0.02, text_field: str = "text",
+                    val_fraction: float = VAL_FRACTION, text_field: str = "text",
                     code_bytes: int | None = 4_000_000, show_progress: bool = True) -> list[Path]:
     """Tokenize each component into data_dir/<name>/ unless current shards are already there."""
     for c in components:  # every path checked before any (slow) tokenizing starts

@@ -46,6 +46,11 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.backend.to_str().encode()).hexdigest()[:16]
 
 
+# Share of documents held out for validation unless a run says otherwise (quant's calibration
+# and perplexity split of the bundled corpus uses it too, so both agree on what is held out).
+VAL_FRACTION = 0.02
+
+
 def holdout_key(text: str) -> float:
     """A uniform number in [0, 1) from the document's text: below val_fraction means held out."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
@@ -118,7 +123,7 @@ def _batches(docs: Iterable[Document], max_chars: int = 2_000_000) -> Iterator[l
 
 
 def build_shards(docs: Iterable[Document], tok: Tokenizer, folder: str | Path, *,
-                 val_fraction: float = 0.02, shard_tokens: int = 2**26, source: str = "",
+                 val_fraction: float = VAL_FRACTION, shard_tokens: int = 2**26, source: str = "",
                  show_progress: bool = True) -> dict[str, Any]:
     """Tokenize documents into train/val shards under folder; returns the manifest written.
 

@@ -126,6 +126,5 @@ def _merge_if_possible(model: Transformer) -> None:
     """
     from ember.adapters.lora import lora_layers, merge_and_unload
 
-    if all(isinstance(layer.base_layer, torch.nn.Linear) and layer.base_layer.weight.is_floating_point()
-           for _, layer in lora_layers(model)):
+    if all(layer.mergeable for _, layer in lora_layers(model)):
         merge_and_unload(model)

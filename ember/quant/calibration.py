@@ -22,14 +22,11 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from ember.data.shards import holdout_key
+from ember.data.shards import VAL_FRACTION, holdout_key
 from ember.data.sources import Document, documents
 from ember.errors import EmberError
 from ember.model.rope import rope_cos_sin
 from ember.model.transformer import Transformer
-
-# Share of the bundled documents held out for evaluation (the pretraining pipeline's default split).
-VAL_FRACTION = 0.02
 
 
 class CalibrationError(EmberError):

@@ -32,7 +32,7 @@ from ember.checkpoint.hf import CheckpointError, load_model, save_model
 from ember.config import PRESETS, ModelConfig, preset
 from ember.data.loader import PackedLoader, validation_windows
 from ember.data.mixture import mixture_weights, parse_mixture, prepare_mixture
-from ember.data.shards import TokenShards
+from ember.data.shards import VAL_FRACTION, TokenShards
 from ember.errors import EmberError
 from ember.model.transformer import Transformer
 from ember.tokenizer import Tokenizer, load_tokenizer
@@ -59,7 +59,7 @@ class PretrainConfig(TrainConfig):
     data: list[str] = field(default_factory=lambda: ["bundled"], metadata={
         "help": "mixture items PATHS[@WEIGHT]; 'bundled' = bundled-prose@0.7 bundled-code@0.3"})
     seq_len: int = field(default=512, metadata={"help": "tokens per training sequence"})
-    val_fraction: float = field(default=0.02, metadata={"help": "share of documents held out for validation"})
+    val_fraction: float = field(default=VAL_FRACTION, metadata={"help": "share of documents held out for validation"})
     val_sequences: int = field(default=32, metadata={"help": "validation sequences per component, at most"})
     text_field: str = field(default="text", metadata={"help": "jsonl field holding the text"})
     code_bytes: int = field(default=4_000_000, metadata={"help": "bytes of stdlib code in bundled-code"})
