@@ -7,10 +7,13 @@ and a step's batch is flattened to N tokens, so the model sees q (1, N, H, D), k
 
     attend(q, k, v, spec):
       1. write this step's k/v into the pool at each token's slot (block, offset)
-      2. decode queries (one new token per sequence) run as batched SDPAs over the sequences'
-         blocks gathered into a padded workspace, keys past each sequence's length masked;
-         sequences go in groups of similar length small enough for the workspace to stay in
-         cache; GQA without copies by viewing the rep query heads of a KV head as its queries
+      2. decode queries (one new token per sequence): with the native CPU kernel
+         (ember/engine/kernels/paged_attention.c, fp32 on CPU, no ALiBi) one call for all of
+         them, each reading its own blocks straight from the pool; otherwise batched SDPAs over
+         the sequences' blocks gathered into a padded workspace, keys past each sequence's
+         length masked; sequences go in groups of similar length small enough for the
+         workspace to stay in cache; GQA without copies by viewing the rep query heads of a
+         KV head as its queries
       3. prefill chunks attend one sequence at a time: a fresh prompt uses its own k/v (causal
          SDPA), a chunk after cached tokens gathers its blocks and uses a positional mask
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.config import ModelConfig
+from ember.engine import native
 from ember.model.attention import AttnSpec, position_bias, sdpa
 from ember.model.rope import alibi_slopes
 
@@ -78,6 +82,16 @@ class DecodeBatch:
     bags: dict = field(default_factory=dict)  # embedding_bag inputs per heads-per-KV-head
 
 
+@dataclass
+class NativeDecode:
+    """Every decode query of the step, for the native kernel (ember/engine/paged_attention.c)."""
+
+    rows: torch.Tensor  # (Bd,) flat index of each query
+    tables: torch.Tensor  # (Bd, W) int64 block tables padded to the longest
+    lens: torch.Tensor  # (Bd,) int64 keys per query (its position + 1)
+    in_order: bool  # rows are exactly 0..N-1: the step is decodes only
+
+
 def split_by_length(nblocks: list[int], block_bytes: int, budget: int = 8 * 2**20) -> list[list[int]]:
     """Indices in groups of similar length whose gathered K/V stay within `budget` bytes.
 
@@ -102,10 +116,14 @@ class AttnMetadata:
     kv_cache: torch.Tensor
     block_size: int
     slot_block: torch.Tensor  # (N,) block of each token
-    slot_offset: torch.Tensor  # (N,) offset inside its block
+    slot_rows: torch.Tensor  # (N * Hkv,) row of each token's K (or V) per KV head in a (-1, D) view of the pool
     prefills: list[PrefillSeq]
-    decodes: list[DecodeBatch]
+    dec_rows: list[int]  # decode queries: flat row, position, blocks up to that position
+    dec_pos: list[int]
+    dec_tables: list[list[int]]
+    native: NativeDecode | None
     workspace: Workspace = field(default_factory=Workspace)
+    _decodes: list[DecodeBatch] | None = None
 
     @classmethod
     def build(cls, kv_cache: torch.Tensor, block_size: int, seqs: list[tuple[list[int], int, int]],
@@ -131,6 +149,28 @@ class AttnMetadata:
                     gather = gather.to(dev)
                 prefills.append(PrefillSeq(row, row + n, pos0, gather))
             row += n
+        nat = None
+        if dec_rows and native.supports(kv_cache):
+            width = max(len(t) for t in dec_tables)
+            tables = torch.tensor([t + [t[-1]] * (width - len(t)) for t in dec_tables], dtype=torch.int64)
+            nat = NativeDecode(torch.tensor(dec_rows), tables, torch.tensor(dec_pos, dtype=torch.int64) + 1,
+                               len(dec_rows) == row)
+        slot_block = torch.tensor(blocks)
+        slot_rows = ((slot_block[:, None] * hkv + torch.arange(hkv)) * block_size
+                     + torch.tensor(offsets)[:, None]).reshape(-1)
+        return cls(kv_cache, block_size, slot_block.to(dev), slot_rows.to(dev), prefills, dec_rows, dec_pos,
+                   dec_tables, nat, workspace)
+
+    @property
+    def decodes(self) -> list[DecodeBatch]:
+        """The decode queries in length groups for the PyTorch path, built on first use."""
+        if self._decodes is None:
+            self._decodes = self._decode_batches()
+        return self._decodes
+
+    def _decode_batches(self) -> list[DecodeBatch]:
+        kv_cache, block_size, dec_tables = self.kv_cache, self.block_size, self.dec_tables
+        dev, hkv = kv_cache.device, kv_cache.shape[3]
         decodes = []
         block_bytes = 2 * kv_cache[0, 0, 0].numel() * kv_cache.element_size()  # K + V of one block, one layer
         for group in split_by_length([len(t) for t in dec_tables], block_bytes):
@@ -139,22 +179,31 @@ class AttnMetadata:
                                    for i in group])  # (Bd, width)
             heads, offs = torch.arange(hkv)[None, :, None, None], torch.arange(block_size)[None, None, None, :]
             value_rows = ((padded[:, None, :, None] * hkv + heads) * block_size + offs).flatten(2)  # (Bd, Hkv, S)
-            decodes.append(DecodeBatch(torch.tensor([dec_rows[i] for i in group], device=dev),
-                                       torch.tensor([dec_pos[i] for i in group], device=dev),
+            decodes.append(DecodeBatch(torch.tensor([self.dec_rows[i] for i in group], device=dev),
+                                       torch.tensor([self.dec_pos[i] for i in group], device=dev),
                                        _gather_rows(padded, hkv).to(dev), value_rows.to(dev), width))
-        return cls(kv_cache, block_size, torch.tensor(blocks, device=dev), torch.tensor(offsets, device=dev),
-                   prefills, decodes, workspace)
+        return decodes
 
     # ---- the AttentionBackend protocol ----------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
         kc, vc = self.kv_cache[spec.layer_idx]  # (num_blocks, Hkv, bs, D) each
-        kc[self.slot_block, :, self.slot_offset] = k[0]
-        vc[self.slot_block, :, self.slot_offset] = v[0]
-        if len(self.decodes) == 1 and not self.prefills and self.decodes[0].rows.numel() == q.shape[1]:
+        D = kc.shape[-1]
+        kc.view(-1, D).index_copy_(0, self.slot_rows, k[0].reshape(-1, D))
+        vc.view(-1, D).index_copy_(0, self.slot_rows, v[0].reshape(-1, D))
+        nat = self.native if not spec.alibi else None  # the kernel has no ALiBi
+        if nat is not None and nat.in_order:
+            return native.paged_decode(q[0], kc, vc, nat.tables, nat.lens, spec.num_kv_heads, spec.scale,
+                                       spec.sliding_window).unsqueeze(0)
+        if nat is None and len(self.decodes) == 1 and not self.prefills \
+                and self.decodes[0].rows.numel() == q.shape[1]:
             return self._decode(q[0], kc, vc, spec, self.decodes[0]).unsqueeze(0)  # rows are 0..N-1
         out = torch.empty_like(q[0])  # (N, H, D)
-        for d in self.decodes:
-            out[d.rows] = self._decode(q[0, d.rows], kc, vc, spec, d)
+        if nat is not None:
+            out[nat.rows] = native.paged_decode(q[0, nat.rows], kc, vc, nat.tables, nat.lens, spec.num_kv_heads,
+                                                spec.scale, spec.sliding_window)
+        else:
+            for d in self.decodes:
+                out[d.rows] = self._decode(q[0, d.rows], kc, vc, spec, d)
         for p in self.prefills:
             out[p.start:p.end] = self._prefill(q[:, p.start:p.end], k[:, p.start:p.end],
                                                v[:, p.start:p.end], p, kc, vc, spec)[0]

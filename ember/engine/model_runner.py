@@ -19,6 +19,7 @@ from ember.engine.attn_metadata import AttnMetadata, Workspace, allocate_kv_cach
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.request import Request
 from ember.engine.scheduler import SchedulerOutput
+from ember.engine.weight_layout import relayout_for_decode
 from ember.model.transformer import Transformer
 
 
@@ -43,6 +44,7 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int) -> None:
         self.model = model.eval()
+        relayout_for_decode(model)  # faster batch-1 matmuls on CPU; same values (weight_layout.py)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size

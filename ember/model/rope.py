@@ -46,23 +46,30 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None,
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape positions.shape + (1, d_head), ready to broadcast over heads."""
+    """cos and signed sin of shape positions.shape + (1, d_head), ready to broadcast over heads.
+
+    The sin's first half is negated, so that `apply_rope` rotates with one roll instead of
+    rotate_half's slices, negation and concatenation (5x fewer memory passes for a prefill).
+    """
     seq_len = int(positions.max().item()) + 1 if cfg.rope_scaling.rope_type == "dynamic" else None
     inv_freq = rope_inv_freq(cfg, seq_len, positions.device)
     freqs = positions.float().unsqueeze(-1) * inv_freq  # (..., d_head/2)
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # (..., 1, d_head)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    sin = emb.sin()
+    sin[..., :freqs.shape[-1]].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (..., H, D) and k (..., Hkv, D) by position; cos/sin are (..., 1, D)."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    """Rotate q (..., H, D) and k (..., Hkv, D) by position; cos/sin (..., 1, D) from rope_cos_sin.
+
+    HF's x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1): rolling x by half gives
+    (x2, x1), and the signed sin supplies the minus.
+    """
+    half = q.shape[-1] // 2
+    return (torch.addcmul(q * cos, q.roll(half, -1), sin),
+            torch.addcmul(k * cos, k.roll(half, -1), sin))
 
 
 def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tensor:

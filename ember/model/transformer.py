@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ember.config import ModelConfig
 from ember.model.attention import AttentionBackend, AttnSpec, causal_attention
+from ember.model.fused import FusedLinears, LinearFn
 from ember.model.rope import apply_rope, rope_cos_sin
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -37,6 +38,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused op, the same arithmetic
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
@@ -53,14 +56,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        self.fused_qkv: FusedLinears | None = None  # set by fuse_projections (the engine does)
+
+    def fuse_projections(self, linear: LinearFn = F.linear, column_major: bool = True) -> bool:
+        """Store q/k/v weights in one buffer so decode runs one matmul (ember/model/fused.py)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_qkv is None or not self.fused_qkv.valid(projs):
+            self.fused_qkv = FusedLinears.fuse(projs, linear, column_major)
+        return self.fused_qkv is not None
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin | None,
                 attn: AttentionBackend | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         s = self.spec
-        q = self.q_proj(x).view(B, T, s.num_heads, s.head_dim)
-        k = self.k_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
-        v = self.v_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        fused = self.fused_qkv
+        q, k, v = fused(x) if fused is not None and fused.valid(projs) else (p(x) for p in projs)
+        q = q.view(B, T, s.num_heads, s.head_dim)
+        k = k.view(B, T, s.num_kv_heads, s.head_dim)
+        v = v.view(B, T, s.num_kv_heads, s.head_dim)
         if cos_sin is not None:
             q, k = apply_rope(q, k, *cos_sin)
         y = causal_attention(q, k, v, s) if attn is None else attn.attend(q, k, v, s)
@@ -75,9 +89,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.fused_gate_up: FusedLinears | None = None  # set by fuse_projections (the engine does)
+
+    def fuse_projections(self, linear: LinearFn = F.linear, column_major: bool = True) -> bool:
+        """Store gate/up weights in one buffer so decode runs one matmul (ember/model/fused.py)."""
+        projs = (self.gate_proj, self.up_proj)
+        if self.fused_gate_up is None or not self.fused_gate_up.valid(projs):
+            self.fused_gate_up = FusedLinears.fuse(projs, linear, column_major)
+        return self.fused_gate_up is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        projs = (self.gate_proj, self.up_proj)
+        fused = self.fused_gate_up
+        gate, up = fused(x) if fused is not None and fused.valid(projs) else (p(x) for p in projs)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Expert(nn.Module):

@@ -1,8 +1,8 @@
 """Greedy engine outputs are token-identical to naive generate and to transformers' generate.
 
 16 prompts of different lengths go in together, under every scheduler regime: prefix caching
-on/off, chunked prefill on/off, and a pool too small for all requests at once (preemption).
-After each run the pool is whole again.
+on/off, chunked prefill on/off, and a pool too small for all requests at once (preemption);
+with the native CPU kernels and with PyTorch alone. After each run the pool is whole again.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ember
-from ember.engine import LLM, SamplingParams
+from ember.engine import LLM, SamplingParams, native
 from ember.model.generate import generate
 from tests.hf_models import make_hf_model
 
@@ -73,6 +73,14 @@ def test_greedy_matches_transformers_and_naive(hf_case, regime: str) -> None:
         assert llm.engine.scheduler.num_preemptions > 0
     if regime == "default":
         assert llm.engine.kv.prefix_hits > 0
+
+
+@pytest.mark.parametrize("regime", ["default", "preemption"])
+def test_greedy_matches_with_pytorch_kernels_only(hf_case, regime: str, monkeypatch) -> None:
+    """The same outputs when the native CPU kernels are unavailable (no C compiler)."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    model, prompts, ref = hf_case
+    _check_engine(LLM(model, **REGIMES[regime]), prompts, ref)
 
 
 @pytest.mark.parametrize("changes", [dict(position="alibi"), dict(position="alibi", sliding_window=6),

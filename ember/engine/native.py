@@ -1,0 +1,120 @@
+"""The engine's native CPU kernels (paged decode attention, decode matvec), built on first use.
+
+The C sources in ember/engine/kernels/ are compiled with the system C compiler ($CC, else cc)
+into one shared library, cached under $EMBER_CACHE_DIR (default ~/.cache/ember)/kernels and
+keyed by the sources, the flags and this CPU's feature flags, then loaded with ctypes: no build
+step at install time, no PyTorch headers. Where there is no compiler, or EMBER_NATIVE=0,
+`available()` is False and the engine computes the same results with PyTorch alone
+(attn_metadata.py's gather path, weight_layout.py's column-major weights).
+
+Both kernels are fp32, single-threaded and for inference only (no autograd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("paged_attention.c", "gemv.c")]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+MAX_GEMV_ROWS = 4  # beyond a few rows a matmul is no longer bandwidth-bound and BLAS wins
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str) -> Path:
+    parts = [s.read_bytes() for s in SOURCES] + [" ".join([cc, *FLAGS]).encode(), _cpu_flags().encode(),
+                                                 platform.machine().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    root = Path(os.environ.get("EMBER_CACHE_DIR") or Path.home() / ".cache" / "ember") / "kernels"
+    lib = root / f"ember_kernels-{key}.so"
+    if lib.exists():
+        return lib
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(tmp, lib)  # atomic: a concurrent process sees no library or a whole one
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return lib
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("EMBER_NATIVE", "1") == "0":
+        return None
+    cc = os.environ.get("CC", "cc")
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        log.warning("native CPU kernels unavailable (%s: %s); using PyTorch only", cc, str(detail)[:300])
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.ember_paged_decode.restype = None
+    lib.ember_paged_decode.argtypes = [p] * 5 + [i64] * 6 + [ctypes.c_float, i64, p, p]
+    lib.ember_gemv.restype = None
+    lib.ember_gemv.argtypes = [p] * 4 + [i64] * 3
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (builds them on the first call)."""
+    return _library() is not None
+
+
+def supports(pool: torch.Tensor) -> bool:
+    """Whether the paged decode kernel can serve this KV pool (fp32 on CPU)."""
+    return pool.dtype == torch.float32 and pool.device.type == "cpu" and available()
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, num_kv_heads: int, scale: float, window: int | None) -> torch.Tensor:
+    """Attention of q (B, H, D) over each sequence's blocks (kernels/paged_attention.c has the layouts)."""
+    q = q.contiguous()
+    B, H, D = q.shape
+    W = tables.shape[1]
+    bs = k_pool.shape[-2]
+    out = torch.empty_like(q)
+    scratch = torch.empty(H * W * bs, dtype=torch.float32)
+    _library().ember_paged_decode(
+        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+        B, W, H, num_kv_heads, D, bs, scale, window or 0, scratch.data_ptr(), out.data_ptr())
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the native matvec when it applies (a few fp32 rows, no autograd)."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if in_features else 0
+    if (0 < rows <= MAX_GEMV_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.is_contiguous() and not torch.is_grad_enabled()
+            and (bias is None or (bias.is_contiguous() and bias.dtype == torch.float32)) and available()):
+        x2 = x.reshape(rows, in_features).contiguous()
+        y = torch.empty(rows, out_features, dtype=torch.float32)
+        _library().ember_gemv(x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                              y.data_ptr(), rows, out_features, in_features)
+        return y.view(*x.shape[:-1], out_features)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -1,0 +1,154 @@
+"""The native CPU kernels against PyTorch, the engine's fallback without them, and the decode relayout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ember
+from ember.adapters.lora import LoRAConfig, apply_lora
+from ember.engine import LLM, SamplingParams, native
+from ember.engine.attn_metadata import AttnMetadata, Workspace
+from ember.engine.weight_layout import DecodeLinear, relayout_for_decode
+from ember.model.attention import AttnSpec
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: native kernels unavailable")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(512, 512), (1536, 512), (97, 130), (7, 3)])
+def test_gemv_matches_linear(rows: int, shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(*shape, generator=g)
+    b = torch.randn(shape[0], generator=g)
+    x = torch.randn(1, rows, shape[1], generator=g)
+    with torch.no_grad():
+        for bias in (None, b):
+            torch.testing.assert_close(native.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_falls_back_where_the_kernel_does_not_apply() -> None:
+    w = torch.randn(8, 16, requires_grad=True)
+    x = torch.randn(2, 16)
+    y = native.linear(x, w)  # grad enabled: must stay differentiable
+    y.sum().backward()
+    assert w.grad is not None
+    with torch.no_grad():
+        x9 = torch.randn(9, 16)
+        torch.testing.assert_close(native.linear(x9, w.detach()), F.linear(x9, w.detach()))  # many rows: BLAS
+        wt = w.detach().t().contiguous().t()  # column-major: BLAS
+        torch.testing.assert_close(native.linear(x, wt), F.linear(x, wt))
+
+
+def _pool_case(seed: int, hkv: int, heads: int, window: int | None):
+    """A random pool, 5 decode sequences of different lengths over scattered blocks, and a query each."""
+    g = torch.Generator().manual_seed(seed)
+    layers, num_blocks, bs, d = 2, 64, 4, 16
+    pool = torch.randn(layers, 2, num_blocks, hkv, bs, d, generator=g)
+    lens = [1, 5, 12, 17, 30]
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, at = [], 0
+    for n in lens:
+        nb = (n + bs - 1) // bs
+        tables.append(perm[at:at + nb])
+        at += nb
+    seqs = [(t, n - 1, 1) for t, n in zip(tables, lens)]  # each computes its last token now
+    q = torch.randn(1, len(lens), heads, d, generator=g)
+    k = torch.randn(1, len(lens), hkv, d, generator=g)
+    v = torch.randn(1, len(lens), hkv, d, generator=g)
+    spec = AttnSpec(layer_idx=1, num_heads=heads, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
+                    sliding_window=window, alibi=False)
+    return pool, bs, seqs, q, k, v, spec, tables, lens
+
+
+def _reference(pool, bs, q, k, v, spec, tables, lens) -> torch.Tensor:
+    """Each query over its own keys, written out position by position: plain softmax attention."""
+    kc, vc = pool[spec.layer_idx]
+    rep = spec.num_heads // spec.num_kv_heads
+    out = []
+    for i, (table, n) in enumerate(zip(tables, lens)):
+        keys = torch.stack([kc[table[p // bs], :, p % bs] for p in range(n)], dim=1)  # (Hkv, n, D)
+        vals = torch.stack([vc[table[p // bs], :, p % bs] for p in range(n)], dim=1)
+        keys[:, n - 1], vals[:, n - 1] = k[0, i], v[0, i]  # this step's token, written by attend
+        lo = max(0, n - spec.sliding_window) if spec.sliding_window else 0
+        keys, vals = keys[:, lo:].repeat_interleave(rep, 0), vals[:, lo:].repeat_interleave(rep, 0)
+        p = torch.softmax(torch.einsum("hd,hnd->hn", q[0, i], keys) * spec.scale, dim=-1)
+        out.append(torch.einsum("hn,hnd->hd", p, vals))
+    return torch.stack(out)[None]
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("hkv,heads,window", [(4, 4, None), (2, 8, None), (1, 4, None), (2, 4, 6)])
+def test_decode_attention_matches_reference(monkeypatch, use_native: bool, hkv: int, heads: int,
+                                            window: int | None) -> None:
+    if use_native and not native.available():
+        pytest.skip("no C compiler: native kernels unavailable")
+    if not use_native:
+        monkeypatch.setattr(native, "available", lambda: False)
+    pool, bs, seqs, q, k, v, spec, tables, lens = _pool_case(hkv * 10 + heads, hkv, heads, window)
+    expected = _reference(pool.clone(), bs, q, k, v, spec, tables, lens)
+    meta = AttnMetadata.build(pool, bs, seqs, Workspace())
+    assert (meta.native is not None) == use_native
+    torch.testing.assert_close(meta.attend(q, k, v, spec), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_without_native_kernels_matches_naive(monkeypatch) -> None:
+    """A fresh model served with PyTorch only (column-major layout, gather attention) is exact too."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    torch.manual_seed(0)
+    model = ember.Transformer(ember.preset("tiny").replace(num_kv_heads=2)).eval()
+    for p in model.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.2)
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(6)]
+    from ember.model.generate import generate
+
+    expected = [generate(model, torch.tensor([p]), 12)[0, len(p):].tolist() for p in prompts]
+    outs = LLM(model).generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert model.lm_head.weight.stride(0) == 1  # the wide head went column-major
+    assert type(model.lm_head) is torch.nn.Linear
+
+
+def test_relayout_keeps_values_and_yields_to_lora() -> None:
+    torch.manual_seed(0)
+    model = ember.Transformer(ember.preset("tiny")).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        before = model(ids)
+    done = relayout_for_decode(model)
+    assert relayout_for_decode(model) == done  # idempotent
+    attn = model.model.layers[0].self_attn
+    assert attn.fused_qkv is not None and attn.fused_qkv.valid((attn.q_proj, attn.k_proj, attn.v_proj))
+    if done == "native":
+        assert isinstance(model.lm_head, DecodeLinear)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids[:1, :1]), before[:1, :1], rtol=1e-5, atol=1e-5)  # one row: native path
+    # A LoRA swap replaces q_proj/v_proj: the fused q/k/v call must stop being used.
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0, targets=("q_proj", "v_proj")))
+    assert not attn.fused_qkv.valid((attn.q_proj, attn.k_proj, attn.v_proj))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        changed = model(ids)
+    assert (changed - before).abs().max() > 1e-3  # the adapters take effect
+
+
+def test_build_failure_falls_back(monkeypatch, tmp_path, caplog) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not native.available()
+        assert "native CPU kernels unavailable" in caplog.text
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
