@@ -34,7 +34,7 @@ def stage_dpo(state) -> None:
     assert state.model_dir is not None, "the finetune stage has not run"
     t = quickstart_tuning(state)
     result = dpo(DPOConfig(base=state.model_dir, data=t["sets"]["dpo_train"], val_data=t["sets"]["dpo_val"],
-                           out=state.cfg.out / "dpo", lr=1e-3, beta=0.1, max_steps=3 if state.cfg.fast else 200,
+                           out=state.cfg.out / "dpo", lr=1.5e-3, beta=0.1, max_steps=3 if state.cfg.fast else 300,
                            **t["settings"]))
     state.model_dir = result.outputs["model"]
     state.perplexity["dpo"] = held_out_perplexity(state, state.model_dir)

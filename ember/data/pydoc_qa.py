@@ -10,9 +10,14 @@ question and an answer:
 (the section's title, then the first sentences of its prose, code and lists left out; sections
 whose prose does not mention the title's words are dropped, so every answer is about its
 question, and an answer names what it answers, as a good reply restates the subject). The
-instruction set asks each question in several phrasings; the preference set pairs each question's
-answer (chosen) with the answer of another section (rejected). Sections are split into train and
-held-out before anything is built, so held-out questions and answers are never trained on.
+instruction set asks each question in several phrasings. The preference set pairs each question's
+brief answer (title and first sentence; chosen) with the brief answers of several other sections
+(rejected), balanced so that every answer is rejected as often as it is chosen: the only thing
+that tells chosen from rejected is whether the answer is about the question. Short answers keep
+the comparison on the topic rather than on forty tokens of section-specific wording, which a
+small model would otherwise memorise (measured in README, "DPO"). Sections are split into train
+and held-out before anything is built, so held-out questions and answers are never trained on;
+held-out pairs draw their rejecteds from held-out sections only.
 
     write_pydoc_sets("runs/quickstart/data", seed=0)   # sft_{train,val}.jsonl, dpo_{train,val}.jsonl
 """
@@ -44,6 +49,11 @@ class Section:
     @property
     def reply(self) -> str:
         return f"{self.title}: {self.answer}"
+
+    @property
+    def brief_reply(self) -> str:
+        """The title and the answer's first sentence: what the preference pairs compare."""
+        return f"{self.title}: {_SENTENCE_END.split(self.answer)[0]}"
 
 
 def _paragraphs(lines: list[str]) -> list[str]:
@@ -110,17 +120,19 @@ def instruction_records(sections: list[Section], phrasings: int = len(PHRASINGS)
 
 
 def preference_records(sections: list[Section], seed: int, per_section: int = 2) -> list[dict]:
-    """prompt/chosen/rejected records: rejected is another section's answer (drawn from the same list)."""
+    """prompt/chosen/rejected records: each section's brief reply against `per_section` other sections'.
+
+    Round k pairs section i with section i + offset_k (distinct random offsets), so every reply is
+    the chosen `per_section` times and the rejected as often: no reply is good or bad on its own,
+    only as the answer to its own question. Rejecteds come from the same list, so held-out pairs
+    never show a trained answer.
+    """
     if len(sections) < 2:
         raise ValueError("preference pairs need at least two sections")
-    rng = random.Random(seed)
-    records = []
-    for i, s in enumerate(sections):
-        for k in range(per_section):
-            other = sections[(i + rng.randrange(1, len(sections))) % len(sections)]
-            records.append({"prompt": PHRASINGS[(i + k) % len(PHRASINGS)].format(s.title),
-                            "chosen": s.reply, "rejected": other.reply})
-    return records
+    offsets = random.Random(seed).sample(range(1, len(sections)), min(per_section, len(sections) - 1))
+    return [{"prompt": PHRASINGS[(i + k) % len(PHRASINGS)].format(s.title),
+             "chosen": s.brief_reply, "rejected": sections[(i + offset) % len(sections)].brief_reply}
+            for i, s in enumerate(sections) for k, offset in enumerate(offsets)]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -138,5 +150,7 @@ def write_pydoc_sets(out: str | Path, seed: int = 0, held_out: float = 0.15,
     train, val = split_sections(sections, held_out, seed)
     return {"sft_train": write_jsonl(out / "sft_train.jsonl", instruction_records(train)),
             "sft_val": write_jsonl(out / "sft_val.jsonl", instruction_records(val, phrasings=1)),
-            "dpo_train": write_jsonl(out / "dpo_train.jsonl", preference_records(train, seed)),
-            "dpo_val": write_jsonl(out / "dpo_val.jsonl", preference_records(val, seed + 1, per_section=1))}
+            # 8 rejecteds per question: more distinct pairs to learn the rule from, fewer to memorise;
+            # 12 per held-out question: ~290 held-out pairs, so accuracy is not a 24-sample coin.
+            "dpo_train": write_jsonl(out / "dpo_train.jsonl", preference_records(train, seed, per_section=8)),
+            "dpo_val": write_jsonl(out / "dpo_val.jsonl", preference_records(val, seed + 1, per_section=12))}
