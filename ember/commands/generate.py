@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ember.adapters.lora import merge_and_unload
+from ember.adapters.lora import lora_layers, merge_and_unload
 from ember.checkpoint.hf import load_model
 from ember.model.generate import generate, stop_token_ids
 from ember.tokenizer import load_tokenizer
@@ -33,7 +33,7 @@ class GenerateConfig:
     chat: bool = field(default=False, metadata={"help": "wrap the prompt in the chat template as a user turn"})
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (default: the model folder)"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
-    adapter: Path | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder to apply (merged)"})
+    adapter: Path | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder to apply (merged into a full-precision base)"})
 
 
 CONFIG = GenerateConfig
@@ -42,8 +42,10 @@ CONFIG = GenerateConfig
 def main(cfg: GenerateConfig) -> None:
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype, adapter=cfg.adapter)
-    if cfg.adapter is not None:
-        merge_and_unload(model)  # same outputs, plain linears: decoding runs at base-model speed
+    if cfg.adapter is not None and all(layer.mergeable for _, layer in lora_layers(model)):
+        # Same outputs, plain linears: decoding runs at base-model speed. Over a quantized base
+        # the adapter stays unmerged (packed weights cannot absorb it), as in serve and chat.
+        merge_and_unload(model)
     if cfg.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}],
                                       add_generation_prompt=True, tokenize=True)

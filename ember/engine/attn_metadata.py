@@ -90,6 +90,7 @@ class NativeDecode:
     tables: torch.Tensor  # (Bd, W) int64 block tables padded to the longest
     lens: torch.Tensor  # (Bd,) int64 keys per query (its position + 1)
     in_order: bool  # rows are exactly 0..N-1: the step is decodes only
+    scratch: torch.Tensor | None = None  # the kernel's score buffer, shared by the step's layers
 
 
 def split_by_length(nblocks: list[int], block_bytes: int, budget: int = 8 * 2**20) -> list[list[int]]:
@@ -191,16 +192,19 @@ class AttnMetadata:
         kc.view(-1, D).index_copy_(0, self.slot_rows, k[0].reshape(-1, D))
         vc.view(-1, D).index_copy_(0, self.slot_rows, v[0].reshape(-1, D))
         nat = self.native if not spec.alibi else None  # the kernel has no ALiBi
+        if nat is not None:
+            if nat.scratch is None or nat.scratch.numel() < spec.num_heads * nat.tables.shape[1] * self.block_size:
+                nat.scratch = torch.empty(spec.num_heads * nat.tables.shape[1] * self.block_size)
         if nat is not None and nat.in_order:
             return native.paged_decode(q[0], kc, vc, nat.tables, nat.lens, spec.num_kv_heads, spec.scale,
-                                       spec.sliding_window).unsqueeze(0)
+                                       spec.sliding_window, nat.scratch).unsqueeze(0)
         if nat is None and len(self.decodes) == 1 and not self.prefills \
                 and self.decodes[0].rows.numel() == q.shape[1]:
             return self._decode(q[0], kc, vc, spec, self.decodes[0]).unsqueeze(0)  # rows are 0..N-1
         out = torch.empty_like(q[0])  # (N, H, D)
         if nat is not None:
             out[nat.rows] = native.paged_decode(q[0, nat.rows], kc, vc, nat.tables, nat.lens, spec.num_kv_heads,
-                                                spec.scale, spec.sliding_window)
+                                                spec.scale, spec.sliding_window, nat.scratch)
         else:
             for d in self.decodes:
                 out[d.rows] = self._decode(q[0, d.rows], kc, vc, spec, d)

@@ -1,4 +1,4 @@
-"""The engine's native CPU kernels (paged decode attention, decode matvec), built on first use.
+"""The engine's native CPU kernels (paged decode attention, decode matvec, RMSNorm), built on first use.
 
 The C sources in ember/engine/kernels/ are compiled with the system C compiler ($CC, else cc)
 into one shared library, cached under $EMBER_CACHE_DIR (default ~/.cache/ember)/kernels and
@@ -7,7 +7,8 @@ step at install time, no PyTorch headers. Where there is no compiler, or EMBER_N
 `available()` is False and the engine computes the same results with PyTorch alone
 (attn_metadata.py's gather path, weight_layout.py's column-major weights).
 
-Both kernels are fp32, single-threaded and for inference only (no autograd).
+The kernels are fp32, single-threaded and for inference only (no autograd); each wrapper below
+falls back to PyTorch where its kernel does not apply.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("paged_attention.c", "gemv.c")]
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("paged_attention.c", "gemv.c", "rmsnorm.c")]
+# Reassociation lets the compiler vectorise the dot products' reductions. Not -ffast-math: a
+# library linked with it sets flush-to-zero for the whole process when loaded (tests check).
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+         "-fassociative-math", "-ffp-contract=fast", "-fPIC", "-shared"]
 MAX_GEMV_ROWS = 4  # beyond a few rows a matmul is no longer bandwidth-bound and BLAS wins
 
 
@@ -77,6 +81,8 @@ def _library() -> ctypes.CDLL | None:
     lib.ember_paged_decode.argtypes = [p] * 5 + [i64] * 6 + [ctypes.c_float, i64, p, p]
     lib.ember_gemv.restype = None
     lib.ember_gemv.argtypes = [p] * 4 + [i64] * 3
+    lib.ember_rms_norm.restype = None
+    lib.ember_rms_norm.argtypes = [p] * 3 + [i64] * 2 + [ctypes.c_float]
     return lib
 
 
@@ -91,14 +97,19 @@ def supports(pool: torch.Tensor) -> bool:
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, num_kv_heads: int, scale: float, window: int | None) -> torch.Tensor:
-    """Attention of q (B, H, D) over each sequence's blocks (kernels/paged_attention.c has the layouts)."""
+                 lens: torch.Tensor, num_kv_heads: int, scale: float, window: int | None,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q (B, H, D) over each sequence's blocks (kernels/paged_attention.c has the layouts).
+
+    scratch: optional fp32 buffer of at least H * W * block_size values, reused between calls.
+    """
     q = q.contiguous()
     B, H, D = q.shape
     W = tables.shape[1]
     bs = k_pool.shape[-2]
     out = torch.empty_like(q)
-    scratch = torch.empty(H * W * bs, dtype=torch.float32)
+    if scratch is None or scratch.numel() < H * W * bs:
+        scratch = torch.empty(H * W * bs, dtype=torch.float32)
     _library().ember_paged_decode(
         q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         B, W, H, num_kv_heads, D, bs, scale, window or 0, scratch.data_ptr(), out.data_ptr())
@@ -118,3 +129,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                               y.data_ptr(), rows, out_features, in_features)
         return y.view(*x.shape[:-1], out_features)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dimension, natively for a few fp32 rows without autograd."""
+    D = weight.shape[0]
+    rows = x.numel() // D if D else 0
+    if (0 < rows <= MAX_GEMV_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous()
+            and not torch.is_grad_enabled() and available()):
+        y = torch.empty_like(x)
+        _library().ember_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, D, eps)
+        return y
+    return torch.nn.functional.rms_norm(x, (D,), weight, eps)

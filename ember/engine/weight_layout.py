@@ -16,7 +16,8 @@ So `relayout_for_decode`, run by the engine on the model it serves, in place:
      matmul instead of two or three narrow ones;
   2. with the native kernels (ember/engine/native.py): keeps weights row-major and turns every
      plain nn.Linear into a `DecodeLinear`, whose few-row products use the native matvec
-     (more rows, grad, other dtypes: F.linear as before);
+     (more rows, grad, other dtypes: F.linear as before), and every RMSNorm into a
+     `DecodeRMSNorm` (the same for the norm);
      without them: stores wide weights column-major, where BLAS's matvec reads them faster.
 Large-batch matmuls run at the same speed in every layout (N = 256: 86-98 GFLOP/s), so prefill
 loses nothing. Values never change, only strides and the multiply: state_dict(), checkpoints,
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.engine import native
+from ember.model.transformer import RMSNorm
 
 
 OUTPUT_CHUNK = 2048  # rows of a very wide weight (an LM head) multiplied at a time
@@ -54,6 +56,15 @@ class DecodeLinear(nn.Linear):
                 out[..., s:e] = F.linear(x, self.weight[s:e], None if self.bias is None else self.bias[s:e])
             return out
         return native.linear(x, self.weight, self.bias)
+
+
+class DecodeRMSNorm(RMSNorm):
+    """The model's RMSNorm, computed natively for a few fp32 rows (PyTorch's costs ~10x more there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return super().forward(x)
+        return native.rms_norm(x, self.weight, self.eps)
 
 
 def wants_column_major(weight: torch.Tensor) -> bool:
@@ -79,6 +90,8 @@ def relayout_for_decode(model: nn.Module) -> str:
             if hasattr(module, "fuse_projections"):
                 module.fuse_projections(fn, column_major)
         for module in model.modules():
+            if use_native and type(module) is RMSNorm:
+                module.__class__ = DecodeRMSNorm
             if type(module) is not nn.Linear:
                 continue
             if use_native:

@@ -35,6 +35,10 @@ class FusedLinears:
         self.bias = bias
         self.linear = linear
         self.sizes = [m.out_features for m in modules]
+        starts = [sum(self.sizes[:i]) for i in range(len(modules))]
+        # Where each module's weight and bias must still live for the fused call to be valid.
+        self.expected = [(weight[s].data_ptr(), weight.stride(), None if bias is None else bias[s].data_ptr())
+                         for s in starts]
 
     @classmethod
     def fuse(cls, modules: tuple[nn.Module, ...], linear: LinearFn = F.linear,
@@ -65,14 +69,12 @@ class FusedLinears:
 
     def valid(self, modules: tuple[nn.Module, ...]) -> bool:
         """Whether `modules` are still exactly the fused ones, with weights in the shared buffer."""
-        start = 0
-        for m, mine in zip(modules, self.modules):
-            if m is not mine or m._forward_hooks or m._forward_pre_hooks or m.weight.data_ptr() != self.weight[start].data_ptr() \
-                    or m.weight.stride() != self.weight.stride():
+        for m, mine, (w_ptr, w_stride, b_ptr) in zip(modules, self.modules, self.expected):
+            if m is not mine or m._forward_hooks or m._forward_pre_hooks:
                 return False
-            if self.bias is not None and (m.bias is None or m.bias.data_ptr() != self.bias[start].data_ptr()):
+            w, b = m.weight, m.bias
+            if w.data_ptr() != w_ptr or w.stride() != w_stride or (b_ptr is not None and (b is None or b.data_ptr() != b_ptr)):
                 return False
-            start += m.out_features
         return True
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:

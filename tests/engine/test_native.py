@@ -141,6 +141,17 @@ def test_relayout_keeps_values_and_yields_to_lora() -> None:
     assert (changed - before).abs().max() > 1e-3  # the adapters take effect
 
 
+@needs_native
+def test_loading_the_kernels_keeps_subnormal_floats() -> None:
+    """A library built with -ffast-math would switch on flush-to-zero for the whole process."""
+    import ctypes
+
+    tiny = torch.tensor(1e-40)  # subnormal in fp32
+    assert tiny.item() != 0.0 and (tiny * 1.0).item() != 0.0
+    assert ctypes.c_float(1e-40).value != 0.0
+    assert (torch.tensor([1e-38]) / 1e3).item() != 0.0
+
+
 def test_build_failure_falls_back(monkeypatch, tmp_path, caplog) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))

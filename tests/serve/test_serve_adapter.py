@@ -72,6 +72,21 @@ def test_adapter_over_a_quantized_base_stays_unmerged_and_matches(tiny_dir, toke
     assert served(make_app(qdir, adapter=adapter_dir)) == want
 
 
+def test_generate_command_keeps_the_adapter_unmerged_over_a_quantized_base(tiny_dir, adapter_dir, tmp_path,
+                                                                           capsys) -> None:
+    from ember.commands.generate import GenerateConfig, main
+
+    qdir = tmp_path / "int8"
+    ember.save_model(quantize_model(ember.load_model(tiny_dir), QuantConfig(method="int8")), qdir)
+    for f in tiny_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, qdir / f.name)
+    main(GenerateConfig(model=qdir, adapter=adapter_dir, prompt=PROMPT, max_tokens=N))  # no merge error
+    with_adapter = capsys.readouterr().out
+    main(GenerateConfig(model=qdir, prompt=PROMPT, max_tokens=N))
+    assert capsys.readouterr().out != with_adapter
+
+
 def test_missing_adapter_folder_is_one_clear_error(tiny_dir, tmp_path) -> None:
     with pytest.raises(ServeConfigError, match="--adapter .* is not a folder"):
         build(ServeConfig(model=tiny_dir, adapter=tmp_path / "nope"))
