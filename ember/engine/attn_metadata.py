@@ -84,7 +84,7 @@ class DecodeBatch:
 
 @dataclass
 class NativeDecode:
-    """Every decode query of the step, for the native kernel (ember/engine/paged_attention.c)."""
+    """Every decode query of the step, for the native kernel (ember/engine/kernels/paged_attention.c)."""
 
     rows: torch.Tensor  # (Bd,) flat index of each query
     tables: torch.Tensor  # (Bd, W) int64 block tables padded to the longest
@@ -194,7 +194,7 @@ class AttnMetadata:
         nat = self.native if not spec.alibi else None  # the kernel has no ALiBi
         if nat is not None:
             if nat.scratch is None or nat.scratch.numel() < spec.num_heads * nat.tables.shape[1] * self.block_size:
-                nat.scratch = torch.empty(spec.num_heads * nat.tables.shape[1] * self.block_size)
+                nat.scratch = torch.empty(spec.num_heads * nat.tables.shape[1] * self.block_size, dtype=torch.float32)
         if nat is not None and nat.in_order:
             return native.paged_decode(q[0], kc, vc, nat.tables, nat.lens, spec.num_kv_heads, spec.scale,
                                        spec.sliding_window, nat.scratch).unsqueeze(0)

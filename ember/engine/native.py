@@ -121,7 +121,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     if (0 < rows <= MAX_GEMV_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.is_contiguous() and not torch.is_grad_enabled()
+            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
+            and not torch.is_grad_enabled()
             and (bias is None or (bias.is_contiguous() and bias.dtype == torch.float32)) and available()):
         x2 = x.reshape(rows, in_features).contiguous()
         y = torch.empty(rows, out_features, dtype=torch.float32)
@@ -136,8 +137,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     D = weight.shape[0]
     rows = x.numel() // D if D else 0
     if (0 < rows <= MAX_GEMV_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous()
-            and not torch.is_grad_enabled() and available()):
+            and x.device.type == "cpu" and weight.device.type == "cpu" and x.is_contiguous()
+            and weight.is_contiguous() and not torch.is_grad_enabled() and available()):
         y = torch.empty_like(x)
         _library().ember_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, D, eps)
         return y

@@ -79,7 +79,7 @@ def relayout_for_decode(model: nn.Module) -> str:
     """Prepare `model`'s linear layers for decode on CPU (see the module docstring), in place.
 
     Returns what was done: "native", "column-major", or "none" (not on CPU). Only exact
-    nn.Linear modules change: quantized and other swapped-in modules own their layouts.
+    nn.Linear and RMSNorm modules change: quantized and other swapped-in modules own their layouts.
     """
     if next(model.parameters()).device.type != "cpu":
         return "none"

@@ -8,10 +8,11 @@ of it, so memory is not duplicated and the modules keep working on their own (st
 LoRA, quantization see the same tensors). `linear` is the F.linear-compatible function the
 fused call uses (the engine passes its native matvec).
 
-The fused call is used only while it is still valid: every module is the same plain nn.Linear
-object whose weight (and bias) still lives at its slice. Swapping a module (LoRA, a quantized
-layer), assigning a new weight or hooking a module (quantizers' calibration does) falls back to
-calling the modules one by one.
+The fused call is used only without autograd (the buffer is not the modules' Parameters, so
+gradients must go through the modules) and while it is still valid: every module is the same
+plain nn.Linear object whose weight (and bias) still lives at its slice. Swapping a module (LoRA,
+a quantized layer), assigning a new weight or hooking a module (quantizers' calibration does)
+falls back to calling the modules one by one.
 """
 
 from __future__ import annotations
@@ -67,13 +68,20 @@ class FusedLinears:
                 start = end
         return cls(tuple(modules), weight, bias, linear)
 
+    def usable(self, modules: tuple[nn.Module, ...]) -> bool:
+        """Whether to make the fused call now: still valid, and no autograd (the shared buffer is
+        not the modules' Parameters, so gradients must go through the modules themselves)."""
+        return not torch.is_grad_enabled() and self.valid(modules)
+
     def valid(self, modules: tuple[nn.Module, ...]) -> bool:
         """Whether `modules` are still exactly the fused ones, with weights in the shared buffer."""
         for m, mine, (w_ptr, w_stride, b_ptr) in zip(modules, self.modules, self.expected):
             if m is not mine or m._forward_hooks or m._forward_pre_hooks:
                 return False
             w, b = m.weight, m.bias
-            if w.data_ptr() != w_ptr or w.stride() != w_stride or (b_ptr is not None and (b is None or b.data_ptr() != b_ptr)):
+            if w.data_ptr() != w_ptr or w.stride() != w_stride:
+                return False
+            if b_ptr is not None and (b is None or b.data_ptr() != b_ptr):
                 return False
         return True
 

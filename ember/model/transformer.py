@@ -71,7 +71,7 @@ class Attention(nn.Module):
         s = self.spec
         projs = (self.q_proj, self.k_proj, self.v_proj)
         fused = self.fused_qkv
-        q, k, v = fused(x) if fused is not None and fused.valid(projs) else (p(x) for p in projs)
+        q, k, v = fused(x) if fused is not None and fused.usable(projs) else (p(x) for p in projs)
         q = q.view(B, T, s.num_heads, s.head_dim)
         k = k.view(B, T, s.num_kv_heads, s.head_dim)
         v = v.view(B, T, s.num_kv_heads, s.head_dim)
@@ -101,7 +101,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projs = (self.gate_proj, self.up_proj)
         fused = self.fused_gate_up
-        gate, up = fused(x) if fused is not None and fused.valid(projs) else (p(x) for p in projs)
+        gate, up = fused(x) if fused is not None and fused.usable(projs) else (p(x) for p in projs)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -130,6 +130,11 @@ def test_relayout_keeps_values_and_yields_to_lora() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(ids[:1, :1]), before[:1, :1], rtol=1e-5, atol=1e-5)  # one row: native path
+    # Training after serving: gradients reach every projection's own Parameter.
+    model(ids).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.zero_grad()
     # A LoRA swap replaces q_proj/v_proj: the fused q/k/v call must stop being used.
     apply_lora(model, LoRAConfig(r=4, alpha=8.0, targets=("q_proj", "v_proj")))
     assert not attn.fused_qkv.valid((attn.q_proj, attn.k_proj, attn.v_proj))
