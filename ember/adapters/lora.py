@@ -293,6 +293,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_where_possible(model: nn.Module) -> bool:
+    """Fold every adapter into full-precision base weights, so decoding runs at base-model speed.
+
+    Over a quantized base (QLoRA) nothing is merged: the low-rank update runs beside the packed
+    base layer, exactly as it was trained. Returns whether the adapters were merged.
+    """
+    if not all(layer.mergeable for _, layer in lora_layers(model)):
+        return False
+    merge_and_unload(model)
+    return True
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model without its adapters (merged ones are unmerged for the duration).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ember.adapters.lora import lora_layers, merge_and_unload
+from ember.adapters.lora import merge_where_possible
 from ember.checkpoint.hf import load_model
 from ember.model.generate import generate, stop_token_ids
 from ember.tokenizer import load_tokenizer
@@ -42,10 +42,8 @@ CONFIG = GenerateConfig
 def main(cfg: GenerateConfig) -> None:
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype, adapter=cfg.adapter)
-    if cfg.adapter is not None and all(layer.mergeable for _, layer in lora_layers(model)):
-        # Same outputs, plain linears: decoding runs at base-model speed. Over a quantized base
-        # the adapter stays unmerged (packed weights cannot absorb it), as in serve and chat.
-        merge_and_unload(model)
+    if cfg.adapter is not None:
+        merge_where_possible(model)  # unmerged over a quantized base, as in serve and chat
     if cfg.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}],
                                       add_generation_prompt=True, tokenize=True)

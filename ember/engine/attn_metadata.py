@@ -193,8 +193,9 @@ class AttnMetadata:
         vc.view(-1, D).index_copy_(0, self.slot_rows, v[0].reshape(-1, D))
         nat = self.native if not spec.alibi else None  # the kernel has no ALiBi
         if nat is not None:
-            if nat.scratch is None or nat.scratch.numel() < spec.num_heads * nat.tables.shape[1] * self.block_size:
-                nat.scratch = torch.empty(spec.num_heads * nat.tables.shape[1] * self.block_size, dtype=torch.float32)
+            need = native.scratch_size(spec.num_heads, nat.tables, self.block_size)
+            if nat.scratch is None or nat.scratch.numel() < need:
+                nat.scratch = torch.empty(need, dtype=torch.float32)
         if nat is not None and nat.in_order:
             return native.paged_decode(q[0], kc, vc, nat.tables, nat.lens, spec.num_kv_heads, spec.scale,
                                        spec.sliding_window, nat.scratch).unsqueeze(0)

@@ -41,11 +41,12 @@ class LLM:
                 raise RequestError("adapter= applies to a model folder; apply it to a Transformer yourself")
             module = model
         else:
+            from ember.adapters.lora import merge_where_possible
             from ember.checkpoint.hf import load_model
 
             module = load_model(model, dtype=dtype, adapter=adapter)
             if adapter is not None:
-                _merge_if_possible(module)
+                merge_where_possible(module)
             if tokenizer is None and not skip_tokenizer_init:
                 tokenizer = model
         if device is not None:
@@ -116,15 +117,3 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
     if isinstance(prompt, str):
         return prompt
     return list(prompt)
-
-
-def _merge_if_possible(model: Transformer) -> None:
-    """Fold a LoRA adapter into full-precision base weights, so decoding runs at base-model speed.
-
-    Over a quantized base (QLoRA) the adapter stays unmerged: the low-rank update runs beside
-    the packed base layer, exactly as it was trained.
-    """
-    from ember.adapters.lora import lora_layers, merge_and_unload
-
-    if all(layer.mergeable for _, layer in lora_layers(model)):
-        merge_and_unload(model)

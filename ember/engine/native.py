@@ -96,34 +96,44 @@ def supports(pool: torch.Tensor) -> bool:
     return pool.dtype == torch.float32 and pool.device.type == "cpu" and available()
 
 
+def scratch_size(num_heads: int, tables: torch.Tensor, block_size: int) -> int:
+    """Values of the score buffer paged_decode needs: one sequence's scores for every query head."""
+    return num_heads * tables.shape[1] * block_size
+
+
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor, num_kv_heads: int, scale: float, window: int | None,
-                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+                 scratch: torch.Tensor) -> torch.Tensor:
     """Attention of q (B, H, D) over each sequence's blocks (kernels/paged_attention.c has the layouts).
 
-    scratch: optional fp32 buffer of at least H * W * block_size values, reused between calls.
+    scratch: an fp32 buffer of at least H * W * block_size values (scratch_size), reused between calls.
     """
     q = q.contiguous()
     B, H, D = q.shape
     W = tables.shape[1]
     bs = k_pool.shape[-2]
+    if scratch.dtype != torch.float32 or scratch.numel() < scratch_size(H, tables, bs):
+        raise ValueError(f"paged_decode needs an fp32 scratch of {scratch_size(H, tables, bs)} values")
     out = torch.empty_like(q)
-    if scratch is None or scratch.numel() < H * W * bs:
-        scratch = torch.empty(H * W * bs, dtype=torch.float32)
     _library().ember_paged_decode(
         q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         B, W, H, num_kv_heads, D, bs, scale, window or 0, scratch.data_ptr(), out.data_ptr())
     return out
 
 
+def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Whether a few-row kernel can take x and weight: 1..MAX_GEMV_ROWS rows, fp32 on CPU, a
+    contiguous weight, no autograd, and the kernels built."""
+    return (0 < rows <= MAX_GEMV_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
+            and not torch.is_grad_enabled() and available())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native matvec when it applies (a few fp32 rows, no autograd)."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
-    if (0 < rows <= MAX_GEMV_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
-            and not torch.is_grad_enabled()
-            and (bias is None or (bias.is_contiguous() and bias.dtype == torch.float32)) and available()):
+    if _applies(x, weight, rows) and (bias is None or (bias.is_contiguous() and bias.dtype == torch.float32)):
         x2 = x.reshape(rows, in_features).contiguous()
         y = torch.empty(rows, out_features, dtype=torch.float32)
         _library().ember_gemv(x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
@@ -136,9 +146,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm over the last dimension, natively for a few fp32 rows without autograd."""
     D = weight.shape[0]
     rows = x.numel() // D if D else 0
-    if (0 < rows <= MAX_GEMV_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.device.type == "cpu" and x.is_contiguous()
-            and weight.is_contiguous() and not torch.is_grad_enabled() and available()):
+    if _applies(x, weight, rows) and x.is_contiguous():
         y = torch.empty_like(x)
         _library().ember_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, D, eps)
         return y

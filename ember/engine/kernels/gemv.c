@@ -1,5 +1,5 @@
 /* Matrix-vector products for decode on CPU (fp32): ember/engine/native.py builds and loads
- * this file; ember/engine/decode_linear.py calls it for a linear layer applied to a few rows.
+ * this file; ember/engine/weight_layout.py's DecodeLinear calls it for a linear layer applied to a few rows.
  *
  * Why native code: at decode shapes a linear layer is bound by streaming its weight from
  * memory. BLAS's gemv reaches about half the copy bandwidth on the development machine for

@@ -35,6 +35,12 @@ static inline void prefetch_row(const float *p, int64_t nfloats) {
     for (int64_t i = 0; i < nfloats; i += 16) __builtin_prefetch(p + i, 0, 2);
 }
 
+/* The positions [*t0, *t1) of block j that lie in the attended range [lo, n). */
+static inline void block_span(int64_t j, int64_t lo, int64_t n, int64_t bs, int64_t *t0, int64_t *t1) {
+    *t0 = lo > j * bs ? lo - j * bs : 0;
+    *t1 = n < (j + 1) * bs ? n - j * bs : bs;
+}
+
 void ember_paged_decode(const float *q, const float *k, const float *v, const int64_t *tables,
                         const int64_t *lens, int64_t B, int64_t W, int64_t H, int64_t Hkv,
                         int64_t D, int64_t bs, float scale, int64_t window, float *scratch,
@@ -53,8 +59,8 @@ void ember_paged_decode(const float *q, const float *k, const float *v, const in
         /* pass 1: scores of every query head (h = g * rep + r) in scratch[h * S + position] */
         for (int64_t h = 0; h < H; h++) mx[h] = -FLT_MAX;
         for (int64_t j = first; j <= last; j++) {
-            const int64_t t0 = j == first ? lo - j * bs : 0;
-            const int64_t t1 = j == last ? n - j * bs : bs;
+            int64_t t0, t1;
+            block_span(j, lo, n, bs, &t0, &t1);
             for (int64_t g = 0; g < Hkv; g++) {
                 if (j + DIST <= last) prefetch_row(k + tab[j + DIST] * block + g * head_row, head_row);
                 const float *kb = k + tab[j] * block + g * head_row;
@@ -81,8 +87,8 @@ void ember_paged_decode(const float *q, const float *k, const float *v, const in
         for (int64_t i = 0; i < H * D; i++) ob[i] = 0.0f;
         /* pass 2: probability-weighted values */
         for (int64_t j = first; j <= last; j++) {
-            const int64_t t0 = j == first ? lo - j * bs : 0;
-            const int64_t t1 = j == last ? n - j * bs : bs;
+            int64_t t0, t1;
+            block_span(j, lo, n, bs, &t0, &t1);
             for (int64_t g = 0; g < Hkv; g++) {
                 if (j + DIST <= last) prefetch_row(v + tab[j + DIST] * block + g * head_row, head_row);
                 const float *vb = v + tab[j] * block + g * head_row;
