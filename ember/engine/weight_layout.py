@@ -1,23 +1,27 @@
 """How the engine lays out and multiplies the model's linear weights for decode on CPU.
 
-A decode step multiplies a few activation rows by every weight matrix, so it is bound by how
-fast the weights stream from memory. Measured on the development machine (AMD EPYC, AVX2, one
-thread, fp32), GB/s of weight read at batch 1 (the copy bandwidth is ~25 GB/s):
+A decode step multiplies a few activation rows (one per running sequence) by every weight
+matrix, so it is bound by how fast the weights stream from memory at a few rows and by how
+well that streaming overlaps the arithmetic at dozens. Measured on the development machine
+(AMD EPYC, one thread, fp32), GB/s of weight read at batch 1 (the copy bandwidth is ~25 GB/s):
 
-    shape (out x in)     BLAS row-major   BLAS column-major   native matvec (row-major)
+    shape (out x in)     BLAS row-major   BLAS column-major   native (row-major)
     512 x 512               10.1              12.2                 ~20
     1536 x 512 (q|k|v)      10.4              17.3                 ~22
     2816 x 512 (gate|up)    10.7              20.0                 ~21
     512 x 1408 (down)       15.0              11.5                 ~16
     32000 x 512 (lm_head)   10.8              24.1                 ~23
 
+and GFLOP/s over the ten layers of bench-50m streamed from DRAM, 8 / 16 / 32 / 64 / 128 rows:
+BLAS 29 / 44 / 61 / 75 / 78, native (ember/engine/kernels/linear.c) 62 / 85 / 88 / 89 / 87.
+
 So `relayout_for_decode`, run by the engine on the model it serves, in place:
   1. fuses q/k/v and gate/up into one weight buffer each (ember/model/fused.py): one wider
      matmul instead of two or three narrow ones;
   2. with the native kernels (ember/engine/native.py): keeps weights row-major and turns every
-     plain nn.Linear into a `DecodeLinear`, whose few-row products use the native matvec
-     (more rows, grad, other dtypes: F.linear as before), and every RMSNorm into a
-     `DecodeRMSNorm` (the same for the norm);
+     plain nn.Linear into a `DecodeLinear`, whose products over up to native.MAX_LINEAR_ROWS
+     rows use the native kernel (more rows, grad, other dtypes: F.linear as before), and every
+     RMSNorm into a `DecodeRMSNorm` (the same for the norm);
      without them: stores wide weights column-major, where BLAS's matvec reads them faster.
 Large-batch matmuls run at the same speed in every layout (N = 256: 86-98 GFLOP/s), so prefill
 loses nothing. Values never change, only strides and the multiply: state_dict(), checkpoints,
@@ -40,16 +44,17 @@ OUTPUT_CHUNK = 2048  # rows of a very wide weight (an LM head) multiplied at a t
 
 
 class DecodeLinear(nn.Linear):
-    """An nn.Linear whose products over a few rows go through the native matvec.
+    """An nn.Linear whose products over a few rows go through the native kernel.
 
-    A very wide layer (the LM head) applied to more rows is computed in chunks of OUTPUT_CHUNK
-    outputs: each chunk's result stays in cache while it is written. Measured for 32000 x 512
-    at 8-128 rows, one thread: 22-77 GFLOP/s in one matmul, 28-86 in chunks of 2048.
+    A very wide layer (the LM head) applied to more rows than that is computed by BLAS in
+    chunks of OUTPUT_CHUNK outputs: each chunk's result stays in cache while it is written.
+    Measured for 32000 x 512 at 8-128 rows, one thread: 22-77 GFLOP/s in one matmul, 28-86 in
+    chunks of 2048.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > native.MAX_GEMV_ROWS and self.out_features >= 4 * OUTPUT_CHUNK and not torch.is_grad_enabled():
+        if rows > native.MAX_LINEAR_ROWS and self.out_features >= 4 * OUTPUT_CHUNK and not torch.is_grad_enabled():
             out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
             for s in range(0, self.out_features, OUTPUT_CHUNK):
                 e = s + OUTPUT_CHUNK

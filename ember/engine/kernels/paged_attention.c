@@ -13,12 +13,44 @@
  *   tables  (B, W) int64         block ids in position order, padded to W
  *   lens    (B,) int64           keys to attend (the query's position + 1)
  *   window  0, or a sliding window: keys at positions >= len - window only
- *   scratch H * W * bs floats    the scores of one sequence's query heads
+ *   scratch threads * H * W * bs floats   per thread, the scores of one sequence's query heads
+ *   threads  sequences are spread over up to this many OpenMP threads (torch's pool, see
+ *            ember/engine/native.py); 1, or a build without OpenMP: serial
  *   out     (B, H, D)
  */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef float v8 __attribute__((vector_size(32), aligned(4))); /* aligned(4): unaligned loads */
+
+static inline float hsum(v8 a) {
+    float s = 0.0f;
+    for (int i = 0; i < 8; i++) s += a[i];
+    return s;
+}
+
+/* q . k for four consecutive keys (D % 8 == 0). One dot product is a chain of dependent
+ * multiply-adds, bound by their latency; four side by side keep the FMA units busy. Measured
+ * with the keys in cache (32 sequences x 400 keys): 1.73 ms -> 1.20 ms; from DRAM the kernel is
+ * bound by memory and gains little. */
+static inline void dot4(const float *q, const float *k, int64_t D, float *out) {
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t d = 0; d < D; d += 8) {
+        const v8 qv = *(const v8 *)(q + d);
+        a0 += qv * *(const v8 *)(k + d);
+        a1 += qv * *(const v8 *)(k + D + d);
+        a2 += qv * *(const v8 *)(k + 2 * D + d);
+        a3 += qv * *(const v8 *)(k + 3 * D + d);
+    }
+    out[0] = hsum(a0);
+    out[1] = hsum(a1);
+    out[2] = hsum(a2);
+    out[3] = hsum(a3);
+}
 
 static inline float dot(const float *a, const float *b, int64_t n) {
     float acc = 0.0f;
@@ -43,13 +75,20 @@ static inline void block_span(int64_t j, int64_t lo, int64_t n, int64_t bs, int6
 
 void ember_paged_decode(const float *q, const float *k, const float *v, const int64_t *tables,
                         const int64_t *lens, int64_t B, int64_t W, int64_t H, int64_t Hkv,
-                        int64_t D, int64_t bs, float scale, int64_t window, float *scratch,
-                        float *out) {
+                        int64_t D, int64_t bs, float scale, int64_t window, float *scratch_all,
+                        int64_t threads, float *out) {
     /* Blocks outermost: a block's rows for all KV heads are one contiguous run of memory
      * (Hkv * bs * D floats), read front to back. */
     const int64_t rep = H / Hkv, head_row = bs * D, block = Hkv * head_row, S = W * bs;
-    float mx[H], sum[H];
+    /* Dynamic: sequences differ in length. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && B > 1)
     for (int64_t b = 0; b < B; b++) {
+#ifdef _OPENMP
+        float *scratch = scratch_all + (int64_t)omp_get_thread_num() * H * S;
+#else
+        float *scratch = scratch_all;
+#endif
+        float mx[H], sum[H];
         const int64_t n = lens[b];
         const int64_t lo = (window > 0 && n > window) ? n - window : 0;
         const int64_t *tab = tables + b * W;
@@ -64,7 +103,19 @@ void ember_paged_decode(const float *q, const float *k, const float *v, const in
             for (int64_t g = 0; g < Hkv; g++) {
                 if (j + DIST <= last) prefetch_row(k + tab[j + DIST] * block + g * head_row, head_row);
                 const float *kb = k + tab[j] * block + g * head_row;
-                for (int64_t t = t0; t < t1; t++) {
+                int64_t t = t0;
+                if (D % 8 == 0)
+                    for (; t + 4 <= t1; t += 4)
+                        for (int64_t r = 0; r < rep; r++) {
+                            const int64_t h = g * rep + r;
+                            float *sc = scratch + h * S + j * bs + t;
+                            dot4(qb + h * D, kb + t * D, D, sc);
+                            for (int i = 0; i < 4; i++) {
+                                sc[i] *= scale;
+                                if (sc[i] > mx[h]) mx[h] = sc[i];
+                            }
+                        }
+                for (; t < t1; t++) {
                     for (int64_t r = 0; r < rep; r++) {
                         const int64_t h = g * rep + r;
                         const float s = dot(qb + h * D, kb + t * D, D) * scale;

@@ -1,0 +1,154 @@
+/* Linear layers over a few rows for decode on CPU (fp32): ember/engine/native.py builds and
+ * loads this file; ember/engine/weight_layout.py's DecodeLinear calls it.
+ *
+ *   y (M, N) = x (M, K) @ W (N, K)^T + bias      W row-major contiguous; bias may be NULL
+ *
+ * Why native code: a decode step multiplies a few rows (one per running sequence) by weights
+ * that are read from memory once per step and never stay in cache. BLAS packs each weight
+ * panel before it multiplies, which costs a full read of the weight before any arithmetic
+ * starts; at 8-64 rows that halves its speed (measured for the bench-50m layers streamed from
+ * DRAM, one thread: 29 / 44 / 61 / 75 GFLOP/s at 8 / 16 / 32 / 64 rows; here 62 / 85 / 88 / 89).
+ * Here the weight is read in place, each cache line once, prefetched while the previous
+ * tile computes.
+ *
+ * Two strategies:
+ *   one row    dot products of x with two weight rows at a time, 16 KiB of prefetch ahead:
+ *              bound by memory bandwidth (20-25 GB/s);
+ *   2+ rows    x is transposed once into xt (K, Mp), Mp = M rounded up to 8 (zero padding),
+ *              so that for each k a vector of 8 rows' x[., k] is one load; a tile of NR
+ *              weight rows by up to MV*8 x rows keeps NR*MV vector accumulators in
+ *              registers, multiplying each broadcast W[n, k] into them (no horizontal sums).
+ *              Weight tiles go outermost: a tile is read from DRAM once and reused from L1 for
+ *              every block of rows; while the first block computes, the next tile is prefetched
+ *              one cache line per weight row every 16 k.
+ * Both add over k in order, in fp32, as BLAS's microkernels do. Output columns are spread over
+ * torch's OpenMP threads (ember/engine/native.py links the same runtime), so the threads read
+ * disjoint parts of the weight; small products stay on one thread.
+ */
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef float v8 __attribute__((vector_size(32), aligned(4))); /* aligned(4): unaligned loads */
+
+/* ---- one row ------------------------------------------------------------------------------ */
+#define ROWS 2                  /* weight rows per pass: two streams, one x read */
+#define AHEAD_FLOATS (16 * 256) /* prefetch distance: 16 KiB ahead of the rows being read */
+
+/* Below this many multiply-adds a product stays on one thread: waking the others costs more. */
+#define PARALLEL_MIN (1 << 18)
+
+static void matvec(const float *x, const float *W, float *y, int64_t N, int64_t K) {
+    const float *end = W + N * K;
+    const int64_t pairs = N / ROWS;
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN)
+    for (int64_t p = 0; p < pairs; p++) {
+        const int64_t o = p * ROWS;
+        const float *w = W + o * K;
+        const float *ahead = w + AHEAD_FLOATS;
+        for (int64_t i = 0; i < ROWS * K && ahead + i < end; i += 16) __builtin_prefetch(ahead + i, 0, 0);
+        float a0 = 0.0f, a1 = 0.0f;
+        for (int64_t i = 0; i < K; i++) {
+            a0 += x[i] * w[i];
+            a1 += x[i] * w[K + i];
+        }
+        y[o] = a0;
+        y[o + 1] = a1;
+    }
+    for (int64_t o = pairs * ROWS; o < N; o++) {
+        float a = 0.0f;
+        for (int64_t i = 0; i < K; i++) a += x[i] * W[o * K + i];
+        y[o] = a;
+    }
+}
+
+/* ---- several rows --------------------------------------------------------------------------- */
+/* 6 x 2 accumulators + 2 x vectors + 1 broadcast = 15 of AVX2's 16 vector registers. */
+#define NR 6  /* weight rows per tile */
+#define MV 2  /* vectors of 8 x rows per tile */
+
+/* One tile: y[m0 .. m0 + 8 mv) x [n .. n + nr) with w = W + n K, y already offset by n.
+ * nr and mv are constants at every call site, so each case compiles to its own unrolled loop.
+ * pf: the next weight tile, prefetched during this one (NULL: none). */
+static inline __attribute__((always_inline)) void tile(const float *xt, int64_t Mp, const float *w,
+                                                         int64_t K, float *y, int64_t N, int64_t m0,
+                                                         int64_t M, const float *pf, const int nr,
+                                                         const int mv) {
+    v8 acc[NR][MV];
+#pragma GCC unroll 8
+    for (int j = 0; j < nr; j++)
+#pragma GCC unroll 4
+        for (int v = 0; v < mv; v++) acc[j][v] = (v8){0};
+    const float *xp = xt + m0;
+    for (int64_t k0 = 0; k0 < K; k0 += 16) { /* 16 floats: one cache line of each weight row */
+        if (pf)
+#pragma GCC unroll 8
+            for (int j = 0; j < nr; j++) __builtin_prefetch(pf + j * K + k0, 0, 2);
+        const int64_t k1 = k0 + 16 < K ? k0 + 16 : K;
+        for (int64_t k = k0; k < k1; k++, xp += Mp) {
+            v8 xv[MV];
+#pragma GCC unroll 4
+            for (int v = 0; v < mv; v++) xv[v] = *(const v8 *)(xp + 8 * v);
+#pragma GCC unroll 8
+            for (int j = 0; j < nr; j++) {
+                const float a = w[j * K + k];
+#pragma GCC unroll 4
+                for (int v = 0; v < mv; v++) acc[j][v] += a * xv[v];
+            }
+        }
+    }
+    for (int j = 0; j < nr; j++)
+        for (int v = 0; v < mv; v++)
+            for (int l = 0; l < 8; l++) {
+                const int64_t m = m0 + 8 * v + l;
+                if (m < M) y[m * N + j] = acc[j][v][l];
+            }
+}
+
+#define TILE(a, b) \
+    case (a) * 16 + (b): tile(xt, Mp, w, K, y + n, N, m, M, pf, a, b); break;
+
+static void tiled(const float *x, const float *W, float *y, int64_t M, int64_t N, int64_t K, float *xt) {
+    const int64_t Mp = (M + 7) / 8 * 8;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * K + k] : 0.0f;
+    const int64_t tiles = (N + NR - 1) / NR;
+    /* Static: each thread gets one contiguous run of tiles, which its prefetches follow. */
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN)
+    for (int64_t ti = 0; ti < tiles; ti++) {
+        const int64_t n = ti * NR;
+        const int nr = N - n < NR ? (int)(N - n) : NR;
+        const float *w = W + n * K;
+        for (int64_t m = 0; m < Mp; m += 8 * MV) {
+            const int mv = (Mp - m) / 8 < MV ? (int)((Mp - m) / 8) : MV;
+            const float *pf = (m == 0 && n + 2 * NR <= N) ? w + NR * K : 0;
+            switch (nr * 16 + mv) {
+                TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1)
+                TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2)
+            }
+        }
+    }
+}
+
+/* xt: scratch of K * ((M + 7) / 8 * 8) floats (unused for M == 1). */
+void ember_linear(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N,
+                  int64_t K, float *xt) {
+    if (M == 1)
+        matvec(x, W, y, N, K);
+    else
+        tiled(x, W, y, M, N, K, xt);
+    if (bias != 0)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
+}
+
+/* Threads a parallel kernel uses: the OpenMP pool's size (torch.set_num_threads sets it), 1
+ * without OpenMP. */
+int ember_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
