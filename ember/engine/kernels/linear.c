@@ -12,8 +12,9 @@
  * tile computes.
  *
  * Two strategies:
- *   one row    dot products of x with two weight rows at a time, 16 KiB of prefetch ahead:
- *              bound by memory bandwidth (20-25 GB/s);
+ *   one row    dot products of x with four weight rows at a time, vectorised along k, each
+ *              step prefetching one cache line of each row 32 rows ahead: bound by memory
+ *              bandwidth (~20 GB/s on one core of the development machine);
  *   2+ rows    x is transposed once into xt (K, Mp), Mp = M rounded up to 8 (zero padding),
  *              so that for each k a vector of 8 rows' x[., k] is one load; a tile of NR
  *              weight rows by up to MV*8 x rows keeps NR*MV vector accumulators in
@@ -21,7 +22,8 @@
  *              Weight tiles go outermost: a tile is read from DRAM once and reused from L1 for
  *              every block of rows; while the first block computes, the next tile is prefetched
  *              one cache line per weight row every 16 k.
- * Both add over k in order, in fp32, as BLAS's microkernels do. Output columns are spread over
+ * The several-row kernel adds over k in order, in fp32, as BLAS's microkernels do; the one-row
+ * kernel adds eight interleaved partial sums. Output columns are spread over
  * torch's OpenMP threads (ember/engine/native.py links the same runtime), so the threads read
  * disjoint parts of the weight; small products stay on one thread.
  */
@@ -33,30 +35,42 @@
 typedef float v8 __attribute__((vector_size(32), aligned(4))); /* aligned(4): unaligned loads */
 
 /* ---- one row ------------------------------------------------------------------------------ */
-#define ROWS 2                  /* weight rows per pass: two streams, one x read */
-#define AHEAD_FLOATS (16 * 256) /* prefetch distance: 16 KiB ahead of the rows being read */
+#define ROWS 4    /* weight rows per pass: four dot products side by side, one x read */
+#define AHEAD 32  /* prefetch distance in weight rows (16-44 KiB at the small model's widths) */
+
+static inline float hsum(v8 a) {
+    float s = 0.0f;
+    for (int i = 0; i < 8; i++) s += a[i];
+    return s;
+}
 
 /* Below this many multiply-adds a product stays on one thread: waking the others costs more. */
 #define PARALLEL_MIN (1 << 18)
 
 static void matvec(const float *x, const float *W, float *y, int64_t N, int64_t K) {
-    const float *end = W + N * K;
-    const int64_t pairs = N / ROWS;
+    const int64_t groups = N / ROWS;
 #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN)
-    for (int64_t p = 0; p < pairs; p++) {
-        const int64_t o = p * ROWS;
+    for (int64_t gi = 0; gi < groups; gi++) {
+        const int64_t o = gi * ROWS;
         const float *w = W + o * K;
-        const float *ahead = w + AHEAD_FLOATS;
-        for (int64_t i = 0; i < ROWS * K && ahead + i < end; i += 16) __builtin_prefetch(ahead + i, 0, 0);
-        float a0 = 0.0f, a1 = 0.0f;
-        for (int64_t i = 0; i < K; i++) {
-            a0 += x[i] * w[i];
-            a1 += x[i] * w[K + i];
+        const float *pf = o + AHEAD + ROWS <= N ? w + AHEAD * K : 0;
+        v8 acc[ROWS];
+        for (int j = 0; j < ROWS; j++) acc[j] = (v8){0};
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) { /* one cache line of each row, and one of each row ahead */
+            if (pf)
+                for (int j = 0; j < ROWS; j++) __builtin_prefetch(pf + j * K + k, 0, 2);
+            const v8 x0 = *(const v8 *)(x + k), x1 = *(const v8 *)(x + k + 8);
+            for (int j = 0; j < ROWS; j++)
+                acc[j] += x0 * *(const v8 *)(w + j * K + k) + x1 * *(const v8 *)(w + j * K + k + 8);
         }
-        y[o] = a0;
-        y[o + 1] = a1;
+        for (int j = 0; j < ROWS; j++) {
+            float a = hsum(acc[j]);
+            for (int64_t t = k; t < K; t++) a += x[t] * w[j * K + t];
+            y[o + j] = a;
+        }
     }
-    for (int64_t o = pairs * ROWS; o < N; o++) {
+    for (int64_t o = groups * ROWS; o < N; o++) {
         float a = 0.0f;
         for (int64_t i = 0; i < K; i++) a += x[i] * W[o * K + i];
         y[o] = a;
