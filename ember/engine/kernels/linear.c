@@ -23,9 +23,10 @@
  *              every block of rows; while the first block computes, the next tile is prefetched
  *              one cache line per weight row every 16 k.
  * The several-row kernel adds over k in order, in fp32, as BLAS's microkernels do; the one-row
- * kernel adds eight interleaved partial sums. Output columns are spread over
- * torch's OpenMP threads (ember/engine/native.py links the same runtime), so the threads read
- * disjoint parts of the weight; small products stay on one thread.
+ * kernel adds eight interleaved partial sums. Output columns are spread over torch's OpenMP
+ * threads (ember/engine/native.py links the same runtime), so the threads read disjoint parts
+ * of the weight and the results do not depend on the thread count; small products stay on one
+ * thread.
  */
 #include <stdint.h>
 #ifdef _OPENMP
