@@ -34,7 +34,6 @@ SOURCES = [Path(__file__).with_name("kernels") / name for name in ("paged_attent
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
          "-fassociative-math", "-ffp-contract=fast", "-fPIC"]
 MAX_LINEAR_ROWS = 128  # kernels/linear.c beats BLAS up to ~160 rows (89 vs 78 GFLOP/s at 128); prefill stays with BLAS
-MAX_NORM_ROWS = 4  # beyond a few rows F.rms_norm's dispatch cost no longer dominates
 
 
 def _cpu_flags() -> str:
@@ -166,10 +165,10 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     return out
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int) -> bool:
-    """Whether a few-row kernel can take x and weight: 1..max_rows rows, fp32 on CPU, a
+def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int | None = None) -> bool:
+    """Whether a kernel can take x and weight: 1..max_rows rows (any if None), fp32 on CPU, a
     contiguous weight, no autograd, and the kernels built."""
-    return (0 < rows <= max_rows and x.dtype == torch.float32 and weight.dtype == torch.float32
+    return (0 < rows and (max_rows is None or rows <= max_rows) and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
             and not torch.is_grad_enabled() and available())
 
@@ -190,10 +189,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """F.rms_norm over the last dimension, natively for a few fp32 rows without autograd."""
+    """F.rms_norm over the last dimension, natively for fp32 rows without autograd (4-5x faster
+    than PyTorch's at 1-512 rows of 512: its rms_norm is several operators and temporaries)."""
     D = weight.shape[0]
     rows = x.numel() // D if D else 0
-    if _applies(x, weight, rows, MAX_NORM_ROWS) and x.is_contiguous():
+    if _applies(x, weight, rows) and x.is_contiguous():
         y = torch.empty_like(x)
         _library().ember_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, D, eps)
         return y

@@ -31,6 +31,21 @@ def test_native_linear_matches_linear(rows: int, shape: tuple[int, int]) -> None
             torch.testing.assert_close(native.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=2e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("rows,dim", [(1, 512), (5, 37), (64, 512), (600, 512)])  # 600 x 512: split over threads
+def test_native_rms_norm_matches_pytorch(rows: int, dim: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, dim, generator=g) * 3, torch.randn(dim, generator=g)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                torch.testing.assert_close(native.rms_norm(x, w, 1e-5), F.rms_norm(x, (dim,), w, 1e-5))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_linear_falls_back_where_the_kernel_does_not_apply() -> None:
     w = torch.randn(8, 16, requires_grad=True)
     x = torch.randn(2, 16)
