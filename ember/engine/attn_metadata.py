@@ -188,9 +188,8 @@ class AttnMetadata:
     # ---- the AttentionBackend protocol ----------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
         kc, vc = self.kv_cache[spec.layer_idx]  # (num_blocks, Hkv, bs, D) each
-        D = kc.shape[-1]
-        kc.view(-1, D).index_copy_(0, self.slot_rows, k[0].reshape(-1, D))
-        vc.view(-1, D).index_copy_(0, self.slot_rows, v[0].reshape(-1, D))
+        native.kv_write(kc, k[0], self.slot_rows)
+        native.kv_write(vc, v[0], self.slot_rows)
         nat = self.native if not spec.alibi else None  # the kernel has no ALiBi
         if nat is not None:
             need = native.scratch_size(spec.num_heads, nat.tables, self.block_size)

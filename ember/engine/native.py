@@ -114,6 +114,8 @@ def _library() -> ctypes.CDLL | None:
     lib.ember_paged_decode.restype = None
     lib.ember_paged_decode.argtypes = [p] * 5 + [i64] * 6 + [ctypes.c_float, i64, p, i64, p]
     lib.ember_max_threads.restype = ctypes.c_int
+    lib.ember_kv_write.restype = None
+    lib.ember_kv_write.argtypes = [p] * 3 + [i64] * 5
     lib.ember_linear.restype = None
     lib.ember_linear.argtypes = [p] * 4 + [i64] * 3 + [p]
     lib.ember_rms_norm.restype = None
@@ -141,6 +143,20 @@ def threads() -> int:
 def scratch_size(num_heads: int, tables: torch.Tensor, block_size: int) -> int:
     """Values of the score buffer paged_decode needs: per thread, one sequence's scores for every query head."""
     return threads() * num_heads * tables.shape[1] * block_size
+
+
+def kv_write(pool: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
+    """pool.view(-1, D)[rows] = src.reshape(-1, D) for src (N, Hkv, D), natively where it applies
+    (fp32 on CPU, contiguous D, no autograd), else with index_copy_."""
+    D = pool.shape[-1]
+    if (pool.dtype == src.dtype == torch.float32 and pool.device.type == src.device.type == "cpu"
+            and src.dim() == 3 and src.stride(-1) == 1 and pool.is_contiguous() and rows.dtype == torch.int64
+            and rows.is_contiguous() and rows.numel() == src.shape[0] * src.shape[1]
+            and not (torch.is_grad_enabled() and src.requires_grad) and available()):
+        _library().ember_kv_write(pool.data_ptr(), src.data_ptr(), rows.data_ptr(), src.shape[0], src.shape[1], D,
+                                  src.stride(0), src.stride(1))
+        return
+    pool.view(-1, D).index_copy_(0, rows, src.reshape(-1, D))
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,

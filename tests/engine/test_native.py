@@ -46,6 +46,19 @@ def test_native_rms_norm_matches_pytorch(rows: int, dim: int) -> None:
         torch.set_num_threads(before)
 
 
+@needs_native
+def test_kv_write_matches_index_copy_from_a_strided_view() -> None:
+    """Keys as the fused q|k|v projection leaves them (a strided view) land in the right pool rows."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, 3, 4, 8, generator=g)  # (N, q|k|v, Hkv, D)
+    k = qkv[:, 1]  # (N, Hkv, D), row stride 3 * Hkv * D
+    rows = torch.randperm(40, generator=g)[:20]
+    pool, expected = torch.zeros(10, 4, 1, 8), torch.zeros(10, 4, 1, 8)  # 40 rows of D
+    native.kv_write(pool, k, rows)
+    expected.view(-1, 8).index_copy_(0, rows, k.reshape(-1, 8))
+    assert torch.equal(pool, expected)
+
+
 def test_linear_falls_back_where_the_kernel_does_not_apply() -> None:
     w = torch.randn(8, 16, requires_grad=True)
     x = torch.randn(2, 16)
