@@ -68,6 +68,13 @@ static inline void prefetch_row(const float *p, int64_t nfloats) {
     for (int64_t i = 0; i < nfloats; i += 16) __builtin_prefetch(p + i, 0, 2);
 }
 
+/* Head g's rows of block j (tab[j]) in `pool`, prefetching the same rows of the block DIST ahead. */
+static inline const float *head_rows(const float *pool, const int64_t *tab, int64_t j, int64_t last, int64_t g,
+                                     int64_t block, int64_t head_row) {
+    if (j + DIST <= last) prefetch_row(pool + tab[j + DIST] * block + g * head_row, head_row);
+    return pool + tab[j] * block + g * head_row;
+}
+
 /* The positions [*t0, *t1) of block j that lie in the attended range [lo, n). */
 static inline void block_span(int64_t j, int64_t lo, int64_t n, int64_t bs, int64_t *t0, int64_t *t1) {
     *t0 = lo > j * bs ? lo - j * bs : 0;
@@ -102,8 +109,7 @@ void ember_paged_decode(const float *q, const float *k, const float *v, const in
             int64_t t0, t1;
             block_span(j, lo, n, bs, &t0, &t1);
             for (int64_t g = 0; g < Hkv; g++) {
-                if (j + DIST <= last) prefetch_row(k + tab[j + DIST] * block + g * head_row, head_row);
-                const float *kb = k + tab[j] * block + g * head_row;
+                const float *kb = head_rows(k, tab, j, last, g, block, head_row);
                 int64_t t = t0;
                 if (D % 8 == 0)
                     for (; t + 4 <= t1; t += 4)
@@ -142,8 +148,7 @@ void ember_paged_decode(const float *q, const float *k, const float *v, const in
             int64_t t0, t1;
             block_span(j, lo, n, bs, &t0, &t1);
             for (int64_t g = 0; g < Hkv; g++) {
-                if (j + DIST <= last) prefetch_row(v + tab[j + DIST] * block + g * head_row, head_row);
-                const float *vb = v + tab[j] * block + g * head_row;
+                const float *vb = head_rows(v, tab, j, last, g, block, head_row);
                 for (int64_t t = t0; t < t1; t++) {
                     const float *vt = vb + t * D;
                     for (int64_t r = 0; r < rep; r++) {
