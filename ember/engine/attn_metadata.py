@@ -8,7 +8,7 @@ and a step's batch is flattened to N tokens, so the model sees q (1, N, H, D), k
     attend(q, k, v, spec):
       1. write this step's k/v into the pool at each token's slot (block, offset)
       2. decode queries (one new token per sequence): with the native CPU kernel
-         (ember/engine/kernels/paged_attention.c, fp32 on CPU, no ALiBi) one call for all of
+         (ember/engine/kernels/paged_attention.c, on CPU, no ALiBi) one call for all of
          them, each reading its own blocks straight from the pool; otherwise batched SDPAs over
          the sequences' blocks gathered into a padded workspace, keys past each sequence's
          length masked; sequences go in groups of similar length small enough for the
@@ -16,6 +16,11 @@ and a step's batch is flattened to N tokens, so the model sees q (1, N, H, D), k
          KV head as its queries
       3. prefill chunks attend one sequence at a time: a fresh prompt uses its own k/v (causal
          SDPA), a chunk after cached tokens gathers its blocks and uses a positional mask
+
+The pool's dtype is the engine's kv_cache_dtype: the model's own, or a 16-bit one that halves
+the cache's memory and the bytes decode attention reads. Attention always computes in the
+model's dtype over the values as stored (a fresh prompt's own k/v are rounded to the pool's
+dtype first, so cached and recomputed prefixes agree).
 
 The gather reuses one growing workspace instead of fresh tensors: on CPU, touching newly
 mapped pages every layer costs more than the attention itself. Masks follow `position_bias`:
@@ -226,10 +231,14 @@ class AttnMetadata:
         (keys,) = self._gather([kc], d.gather_rows, (Bd, hkv, S, D))
         rep = spec.num_heads // hkv
         qg = q.view(Bd, hkv, rep, D)  # the rep query heads sharing a KV head act as its queries
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float().mul_(spec.scale)  # (Bd, Hkv, rep, S)
+        scores = torch.matmul(qg, keys.to(q.dtype).transpose(-1, -2)).float().mul_(spec.scale)  # (Bd, Hkv, rep, S)
         bias = self._decode_bias(spec, S, d)
         if bias is not None:
             scores += bias
+        if vc.dtype != q.dtype:  # a kv_cache_dtype other than the model's: values widened, then a matmul
+            (values,) = self._gather([vc], d.gather_rows, (Bd, hkv, S, D))
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
+            return torch.matmul(probs, values.to(q.dtype)).view(Bd, spec.num_heads, D)
         probs = torch.softmax(scores, dim=-1).to(vc.dtype)
         if rep not in d.bags:
             rows = d.value_rows[:, :, None, :].expand(Bd, hkv, rep, S).reshape(-1)
@@ -263,6 +272,10 @@ class AttnMetadata:
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillSeq,
                  kc: torch.Tensor, vc: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
         T = p.end - p.start
+        if p.gather_rows is None and kc.dtype != k.dtype:
+            # Attend over the keys and values as the pool holds them, as every later read will:
+            # a prompt then gives the same results whether its prefix was cached or computed.
+            k, v = k.to(kc.dtype).to(k.dtype), v.to(vc.dtype).to(v.dtype)
         if p.gather_rows is None:  # the chunk holds every key it needs
             if spec.sliding_window is None and not spec.alibi:
                 return sdpa(q, k, v, spec, None, is_causal=True)
@@ -273,6 +286,7 @@ class AttnMetadata:
             shape = (1, spec.num_kv_heads, nb * self.block_size, spec.head_dim)
             keys, values = self._gather([kc, vc], p.gather_rows, shape)
             keys, values = keys[:, :, :k_len].transpose(1, 2), values[:, :, :k_len].transpose(1, 2)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         q_pos = torch.arange(p.pos0, p.pos0 + T, device=q.device)[None]
         k_pos = torch.arange(k_len, device=q.device)[None]
         return sdpa(q, keys, values, spec, position_bias(spec, q_pos, k_pos, q.dtype), is_causal=False)

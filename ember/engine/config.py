@@ -2,7 +2,9 @@
 
     EngineConfig(max_num_seqs=64, kv_cache_memory=2.0, enable_prefix_caching=True)
 
-The pool gets `kv_cache_memory` GiB on a CPU, or `gpu_memory_utilization` of the device memory
+The pool stores `kv_cache_dtype` elements (default: the model's dtype; float16 or bfloat16 halve
+an fp32 model's cache and the bytes decode attention reads, rounding K and V to 11 or 8
+significant bits). It gets `kv_cache_memory` GiB on a CPU, or `gpu_memory_utilization` of the device memory
 still free after the weights are loaded on a GPU (or exactly `num_kv_blocks`, for tests).
 `ember serve` and `LLM(...)` both take these fields.
 """
@@ -20,6 +22,9 @@ from ember.errors import EmberError
 log = logging.getLogger("ember.engine")
 
 GiB = 1024 ** 3
+# kv_cache_dtype values (vLLM's spelling); "auto" stores the model's own dtype.
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class EngineConfigError(EmberError):
@@ -37,13 +42,15 @@ class EngineConfig:
     num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides memory)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together per step"})
     max_num_batched_tokens: int = field(
-        default=512, metadata={"help": "token budget of one step (the prefill chunk size)"})
+        default=2048, metadata={"help": "token budget of one step (the prefill chunk size; vLLM's CPU default)"})
     max_model_len: int | None = field(
         default=None, metadata={"help": "longest prompt + output (default: the model's context)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "share KV blocks of identical prefixes"})
     enable_chunked_prefill: bool = field(
         default=True, metadata={"help": "split long prompts across steps, batched with decodes"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler for unseeded requests"})
+    kv_cache_dtype: str = field(
+        default="auto", metadata={"help": "KV cache element type: auto (the model's), float32, float16 or bfloat16"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -60,6 +67,12 @@ class EngineConfig:
              f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
              f"({self.max_num_seqs}) so every running sequence can decode each step")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
+        need(self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV pool's element type for a model computing in `model_dtype`."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -92,9 +105,9 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype,
 
 
 def log_capacity(model: torch.nn.Module, blocks: int, block_size: int, max_model_len: int,
-                 kv_bytes: int) -> None:
+                 kv_bytes: int, kv_dtype: torch.dtype) -> None:
     tokens = blocks * block_size
-    log.info("weights %.1f MiB; KV cache %.2f GiB = %d blocks x %d tokens = %d tokens; "
+    log.info("weights %.1f MiB; KV cache (%s) %.2f GiB = %d blocks x %d tokens = %d tokens; "
              "max concurrent full-length (%d-token) requests: %.1f",
-             weight_bytes(model) / 2**20, kv_bytes / GiB, blocks, block_size, tokens, max_model_len,
-             tokens / max_model_len)
+             weight_bytes(model) / 2**20, str(kv_dtype).removeprefix("torch."), kv_bytes / GiB, blocks,
+             block_size, tokens, max_model_len, tokens / max_model_len)

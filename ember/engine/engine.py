@@ -124,7 +124,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         mcfg = model.config
         p = next(model.parameters())
-        blocks = num_kv_blocks(cfg, mcfg, p.dtype, p.device)
+        kv_dtype = cfg.cache_dtype(p.dtype)
+        blocks = num_kv_blocks(cfg, mcfg, kv_dtype, p.device)
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
         self.pool_tokens = blocks * cfg.block_size
         if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
@@ -132,7 +133,7 @@ class LLMEngine:
                 f"without chunked prefill, max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= "
                 f"max_model_len ({self.max_model_len}) so every prompt fits one step")
         self.kv = KVCacheManager(blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(model, blocks, cfg.block_size)
+        self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
         self.eos_token_ids = stop_token_ids(mcfg, tokenizer.eos_token_id if tokenizer else None)
         decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
@@ -142,7 +143,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.num_requests_finished = 0
         log_capacity(model, blocks, cfg.block_size, self.max_model_len,
-                     self.runner.kv_cache.numel() * self.runner.kv_cache.element_size())
+                     self.runner.kv_cache.numel() * self.runner.kv_cache.element_size(), kv_dtype)
 
     # ---- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -42,13 +42,14 @@ class ModelOutput:
 class ModelRunner:
     """Owns the model, the KV block pool and the gather workspace."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model.eval()
         relayout_for_decode(model)  # faster batch-1 matmuls on CPU; same values (weight_layout.py)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size
-        self.kv_cache = allocate_kv_cache(model.config, num_blocks, block_size, p.dtype, p.device)
+        self.kv_cache = allocate_kv_cache(model.config, num_blocks, block_size, kv_dtype or p.dtype, p.device)
         self.workspace = Workspace()
         # Masked keys still enter SDPA's weighted sum (weight 0): never-written memory could hold
         # NaN, so a block is zeroed the first time it is written.

@@ -1,4 +1,5 @@
-"""The engine's native CPU kernels (paged decode attention, few-row linear, RMSNorm), built on first use.
+"""The engine's native CPU kernels (paged decode attention and KV writes, few-row linear, RMSNorm,
+RoPE, greedy argmax), built on first use.
 
 The C sources in ember/engine/kernels/ are compiled with the system C compiler ($CC, else cc)
 into one shared library, cached under $EMBER_CACHE_DIR (default ~/.cache/ember)/kernels and
@@ -7,7 +8,8 @@ step at install time, no PyTorch headers. Where there is no compiler, or EMBER_N
 `available()` is False and the engine computes the same results with PyTorch alone
 (attn_metadata.py's gather path, weight_layout.py's column-major weights).
 
-The kernels are fp32 and for inference only (no autograd). They run on torch's own OpenMP
+The kernels compute in fp32 (the KV pool may also hold fp16 or bf16) and are for inference
+only (no autograd). They run on torch's own OpenMP
 threads (see _torch_openmp; a build without OpenMP runs them on one), and each wrapper below
 falls back to PyTorch where its kernel does not apply.
 """
@@ -28,7 +30,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("paged_attention.c", "linear.c", "rmsnorm.c")]
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("paged_attention.c", "linear.c", "rmsnorm.c",
+                                                                            "rope.c", "argmax.c")]
 # Reassociation lets the compiler vectorise the dot products' reductions. Not -ffast-math: a
 # library linked with it sets flush-to-zero for the whole process when loaded (tests check).
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
@@ -112,14 +115,19 @@ def _library() -> ctypes.CDLL | None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ember_paged_decode.restype = None
-    lib.ember_paged_decode.argtypes = [p] * 5 + [i64] * 6 + [ctypes.c_float, i64, p, i64, p]
+    lib.ember_paged_decode.argtypes = [p] * 5 + [i64] * 6 + [ctypes.c_float, i64, p, i64, i64, p]
+    lib.ember_kv_kinds.restype = ctypes.c_int
     lib.ember_max_threads.restype = ctypes.c_int
     lib.ember_kv_write.restype = None
-    lib.ember_kv_write.argtypes = [p] * 3 + [i64] * 5
+    lib.ember_kv_write.argtypes = [p] * 3 + [i64] * 6
     lib.ember_linear.restype = None
     lib.ember_linear.argtypes = [p] * 4 + [i64] * 3 + [p]
     lib.ember_rms_norm.restype = None
     lib.ember_rms_norm.argtypes = [p] * 3 + [i64] * 2 + [ctypes.c_float]
+    lib.ember_rope.restype = None
+    lib.ember_rope.argtypes = [p] + [i64] * 5 + [p] * 3
+    lib.ember_argmax_rows.restype = None
+    lib.ember_argmax_rows.argtypes = [p, i64, i64, p]
     return lib
 
 
@@ -128,9 +136,15 @@ def available() -> bool:
     return _library() is not None
 
 
+# The pool's element kinds, as kernels/paged_attention.c numbers them.
+KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def supports(pool: torch.Tensor) -> bool:
-    """Whether the paged decode kernel can serve this KV pool (fp32 on CPU)."""
-    return pool.dtype == torch.float32 and pool.device.type == "cpu" and available()
+    """Whether the paged decode kernel and kv_write can serve this KV pool (fp32, fp16 or bf16 on CPU)."""
+    kind = KV_KINDS.get(pool.dtype)
+    return (kind is not None and pool.device.type == "cpu" and available()
+            and bool(_library().ember_kv_kinds() >> kind & 1))
 
 
 def threads() -> int:
@@ -146,27 +160,29 @@ def scratch_size(num_heads: int, tables: torch.Tensor, block_size: int) -> int:
 
 
 def kv_write(pool: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
-    """pool.view(-1, D)[rows] = src.reshape(-1, D) for src (N, Hkv, D), natively where it applies
-    (fp32 on CPU, contiguous D, no autograd), else with index_copy_."""
+    """pool.view(-1, D)[rows] = src.reshape(-1, D).to(pool.dtype) for src (N, Hkv, D), natively
+    where it applies (an fp32 src on CPU, contiguous D, no autograd), else with index_copy_."""
     D = pool.shape[-1]
-    if (pool.dtype == src.dtype == torch.float32 and pool.device.type == src.device.type == "cpu"
+    if (src.dtype == torch.float32 and src.device.type == "cpu" and supports(pool)
             and src.dim() == 3 and src.stride(-1) == 1 and pool.is_contiguous() and rows.dtype == torch.int64
             and rows.is_contiguous() and rows.numel() == src.shape[0] * src.shape[1]
-            and not (torch.is_grad_enabled() and src.requires_grad) and available()):
+            and not (torch.is_grad_enabled() and src.requires_grad)):
         _library().ember_kv_write(pool.data_ptr(), src.data_ptr(), rows.data_ptr(), src.shape[0], src.shape[1], D,
-                                  src.stride(0), src.stride(1))
+                                  src.stride(0), src.stride(1), KV_KINDS[pool.dtype])
         return
-    pool.view(-1, D).index_copy_(0, rows, src.reshape(-1, D))
+    pool.view(-1, D).index_copy_(0, rows, src.reshape(-1, D).to(pool.dtype))
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor, num_kv_heads: int, scale: float, window: int | None,
                  scratch: torch.Tensor) -> torch.Tensor:
-    """Attention of q (B, H, D) over each sequence's blocks (kernels/paged_attention.c has the layouts).
+    """Attention of q (B, H, D) over each sequence's blocks of a pool that `supports`
+    (kernels/paged_attention.c has the layouts), computed in fp32; returns q's dtype.
 
     scratch: an fp32 buffer of at least scratch_size(...) values, reused between calls.
     """
-    q = q.contiguous()
+    dtype = q.dtype
+    q = q.to(torch.float32).contiguous()
     B, H, D = q.shape
     W = tables.shape[1]
     bs = k_pool.shape[-2]
@@ -177,8 +193,8 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     _library().ember_paged_decode(
         q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         B, W, H, num_kv_heads, D, bs, scale, window or 0, scratch.data_ptr(), need // (H * W * bs),
-        out.data_ptr())
-    return out
+        KV_KINDS[k_pool.dtype], out.data_ptr())
+    return out.to(dtype)
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int | None = None) -> bool:
@@ -214,3 +230,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _library().ember_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, D, eps)
         return y
     return torch.nn.functional.rms_norm(x, (D,), weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """ember.model.rope's x * cos + x.roll(D // 2, -1) * sin for x (B, T, H, D) and cos/sin
+    (B, T, 1, D), in one pass through kernels/rope.c where it applies (fp32 on CPU, even D, no
+    autograd, rows of x evenly strided, as the fused projection's views are); a contiguous result."""
+    B, T, H, D = x.shape
+    if (_applies(x, cos, B * T) and sin.dtype == torch.float32 and D % 2 == 0 and x.stride(-1) == 1
+            and (B == 1 or x.stride(0) == T * x.stride(1)) and cos.shape == sin.shape == (B, T, 1, D)
+            and cos.is_contiguous() and sin.is_contiguous()):
+        out = torch.empty(B, T, H, D, dtype=torch.float32)
+        _library().ember_rope(x.data_ptr(), B * T, H, D, x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
+                              out.data_ptr())
+        return out
+    return torch.addcmul(x * cos, x.roll(D // 2, -1), sin)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for a 2-D tensor, through kernels/argmax.c for contiguous fp32 on CPU
+    (PyTorch's argmax reads ~10x slower than memory allows)."""
+    R, V = x.shape
+    # argmax has no gradient: autograd does not matter here, unlike in _applies.
+    if R > 0 and V > 0 and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and available():
+        out = torch.empty(R, dtype=torch.int64)
+        _library().ember_argmax_rows(x.data_ptr(), R, V, out.data_ptr())
+        return out
+    return x.argmax(dim=-1)

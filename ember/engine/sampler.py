@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from ember.engine import native
 from ember.engine.request import Logprob, PositionLogprobs, Request
 
 
@@ -95,7 +96,7 @@ class Sampler:
         dev = logits.device
         temps = torch.tensor([r.params.temperature for r in reqs], device=dev)
         greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
-        tokens = x.argmax(dim=-1)
+        tokens = native.argmax_rows(x)
         if not bool(greedy.all()):
             idx = torch.nonzero(~greedy).squeeze(1)
             sub = [reqs[i] for i in idx.tolist()]

@@ -20,8 +20,9 @@ So `relayout_for_decode`, run by the engine on the model it serves, in place:
      matmul instead of two or three narrow ones;
   2. with the native kernels (ember/engine/native.py): keeps weights row-major and turns every
      plain nn.Linear into a `DecodeLinear`, whose products over up to native.MAX_LINEAR_ROWS
-     rows use the native kernel (more rows, grad, other dtypes: F.linear as before), and every
-     RMSNorm into a `DecodeRMSNorm` (the native norm, for any number of rows);
+     rows use the native kernel (more rows, grad, other dtypes: F.linear as before), every
+     RMSNorm into a `DecodeRMSNorm` (the native norm, for any number of rows) and every
+     Attention into a `DecodeAttention` (native RoPE);
      without them: stores wide weights column-major, where BLAS's matvec reads them faster.
 Large-batch matmuls run at the same speed in every layout (N = 256: 86-98 GFLOP/s), so prefill
 loses nothing. Values never change, only strides and the multiply: state_dict(), checkpoints,
@@ -37,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.engine import native
-from ember.model.transformer import RMSNorm
+from ember.model.transformer import Attention, RMSNorm
 
 
 OUTPUT_CHUNK = 2048  # rows of a very wide weight (an LM head) multiplied at a time
@@ -63,6 +64,15 @@ class DecodeLinear(nn.Linear):
         return native.linear(x, self.weight, self.bias)
 
 
+class DecodeAttention(Attention):
+    """The model's attention with RoPE through the native kernel (one pass instead of four
+    operators per tensor; PyTorch where the kernel does not apply)."""
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return native.rope(q, cos, sin), native.rope(k, cos, sin)
+
+
 class DecodeRMSNorm(RMSNorm):
     """The model's RMSNorm, computed natively for fp32 rows without autograd (4-10x faster than PyTorch's)."""
 
@@ -84,7 +94,8 @@ def relayout_for_decode(model: nn.Module) -> str:
     """Prepare `model`'s linear layers for decode on CPU (see the module docstring), in place.
 
     Returns what was done: "native", "column-major", or "none" (not on CPU). Only exact
-    nn.Linear and RMSNorm modules change: quantized and other swapped-in modules own their layouts.
+    nn.Linear, RMSNorm and Attention modules change: quantized and other swapped-in modules own
+    their layouts.
     """
     if next(model.parameters()).device.type != "cpu":
         return "none"
@@ -97,6 +108,8 @@ def relayout_for_decode(model: nn.Module) -> str:
         for module in model.modules():
             if use_native and type(module) is RMSNorm:
                 module.__class__ = DecodeRMSNorm
+            if use_native and type(module) is Attention:
+                module.__class__ = DecodeAttention
             if type(module) is not nn.Linear:
                 continue
             if use_native:

@@ -76,9 +76,14 @@ class Attention(nn.Module):
         k = k.view(B, T, s.num_kv_heads, s.head_dim)
         v = v.view(B, T, s.num_kv_heads, s.head_dim)
         if cos_sin is not None:
-            q, k = apply_rope(q, k, *cos_sin)
+            q, k = self.rotate(q, k, *cos_sin)
         y = causal_attention(q, k, v, s) if attn is None else attn.attend(q, k, v, s)
         return self.o_proj(y.reshape(B, T, s.num_heads * s.head_dim))
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q and k; the serving engine swaps in a native one (ember/engine/weight_layout.py)."""
+        return apply_rope(q, k, cos, sin)
 
 
 class MLP(nn.Module):

@@ -71,7 +71,7 @@ def test_greedy_matches_transformers_and_naive(hf_case, regime: str) -> None:
     _check_engine(llm, prompts, ref)
     if regime == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
-    if regime == "default":
+    if regime == "small-chunks":  # the shared prefix is computed in an early step, then found
         assert llm.engine.kv.prefix_hits > 0
 
 

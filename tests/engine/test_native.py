@@ -53,10 +53,75 @@ def test_kv_write_matches_index_copy_from_a_strided_view() -> None:
     qkv = torch.randn(5, 3, 4, 8, generator=g)  # (N, q|k|v, Hkv, D)
     k = qkv[:, 1]  # (N, Hkv, D), row stride 3 * Hkv * D
     rows = torch.randperm(40, generator=g)[:20]
-    pool, expected = torch.zeros(10, 4, 1, 8), torch.zeros(10, 4, 1, 8)  # 40 rows of D
-    native.kv_write(pool, k, rows)
-    expected.view(-1, 8).index_copy_(0, rows, k.reshape(-1, 8))
-    assert torch.equal(pool, expected)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pool, expected = torch.zeros(10, 4, 1, 8, dtype=dtype), torch.zeros(10, 4, 1, 8, dtype=dtype)  # 40 rows of D
+        native.kv_write(pool, k, rows)
+        expected.view(-1, 8).index_copy_(0, rows, k.reshape(-1, 8).to(dtype))
+        assert torch.equal(pool, expected), dtype
+
+
+@needs_native
+def test_kv_write_rounds_like_pytorch() -> None:
+    """fp32 -> fp16 / bf16 in the pool is bit-identical to .to(): ties to even, overflow, NaN, subnormals."""
+    specials = torch.tensor([0.0, -0.0, 1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8,
+                             65504.0, 65520.0, 1e6, -1e6, 3e38, float("inf"), float("-inf"), float("nan"),
+                             2 ** -24, 2 ** -25, 1e-30, 6e-8, -3.1415926, 1e-40])
+    x = torch.cat([specials, torch.randn(4076) * 10.0 ** torch.randint(-8, 8, (4076,))]).view(-1, 1, 16)
+    rows = torch.arange(x.shape[0])
+    for dtype in (torch.float16, torch.bfloat16):
+        pool = torch.zeros(x.shape[0], 1, 1, 16, dtype=dtype)
+        if not native.supports(pool):
+            continue
+        native.kv_write(pool, x, rows)
+        expected = x.to(dtype).view(torch.int16)
+        got = pool.view(-1, 1, 16).view(torch.int16)
+        nan = torch.isnan(x)
+        assert torch.equal(got[~nan], expected[~nan]), dtype
+        assert torch.isnan(pool.view(-1, 1, 16)[nan].float()).all()
+
+
+@needs_native
+@pytest.mark.parametrize("rows,heads,dim", [(1, 8, 64), (7, 2, 12), (600, 4, 64)])  # 600 rows: split over threads
+def test_native_rope_matches_pytorch_on_strided_views(rows: int, heads: int, dim: int) -> None:
+    """RoPE on the q and k views of a fused q|k|v output, as ember/model/rope.py computes it."""
+    from ember.config import ModelConfig
+    from ember.model.rope import apply_rope, rope_cos_sin
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=heads * dim, intermediate_size=8, num_layers=1,
+                      num_heads=heads, num_kv_heads=heads)
+    g = torch.Generator().manual_seed(rows)
+    qkv = torch.randn(1, rows, 3, heads, dim, generator=g)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]  # (1, rows, H, D), rows strided by 3 * H * D
+    positions = torch.randint(0, 4000, (1, rows), generator=g)
+    cos, sin = rope_cos_sin(cfg, positions, torch.float32)
+    expected = apply_rope(q, k, cos, sin)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                got = native.rope(q, cos, sin), native.rope(k, cos, sin)
+            for a, b in zip(got, expected):
+                assert a.is_contiguous()
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_native_argmax_matches_pytorch() -> None:
+    """First index of the maximum, ties and NaN as torch.argmax; rows shorter than a vector too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 32000, generator=g)
+    x[3, 100] = x[3, 20000] = 50.0  # a tie: the first
+    x[4, 7] = float("nan")  # NaN wins, as in PyTorch
+    x[5, 31999] = float("inf")
+    x[6] = 0.0
+    x[6, 9] = -0.0
+    x[7, 12] = x[7, 31990] = float("nan")
+    for t in (x, x[:, :5], x[:1], x[:, :13]):  # grad mode on, as in the sampler: argmax has no gradient
+        t = t.contiguous()
+        assert torch.equal(native.argmax_rows(t), t.argmax(dim=-1))
 
 
 def test_linear_falls_back_where_the_kernel_does_not_apply() -> None:
@@ -72,11 +137,12 @@ def test_linear_falls_back_where_the_kernel_does_not_apply() -> None:
         torch.testing.assert_close(native.linear(x, wt), F.linear(x, wt))
 
 
-def _pool_case(seed: int, hkv: int, heads: int, window: int | None):
+def _pool_case(seed: int, hkv: int, heads: int, window: int | None, dtype: torch.dtype = torch.float32,
+               d: int = 16):
     """A random pool, 5 decode sequences of different lengths over scattered blocks, and a query each."""
     g = torch.Generator().manual_seed(seed)
-    layers, num_blocks, bs, d = 2, 64, 4, 16
-    pool = torch.randn(layers, 2, num_blocks, hkv, bs, d, generator=g)
+    layers, num_blocks, bs = 2, 64, 4
+    pool = torch.randn(layers, 2, num_blocks, hkv, bs, d, generator=g).to(dtype)
     lens = [1, 5, 12, 17, 30]
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, at = [], 0
@@ -94,14 +160,16 @@ def _pool_case(seed: int, hkv: int, heads: int, window: int | None):
 
 
 def _reference(pool, bs, q, k, v, spec, tables, lens) -> torch.Tensor:
-    """Each query over its own keys, written out position by position: plain softmax attention."""
-    kc, vc = pool[spec.layer_idx]
+    """Each query over its own keys, written out position by position: plain fp32 softmax
+    attention over the values as the pool stores them."""
+    kc, vc = pool[spec.layer_idx].float()
     rep = spec.num_heads // spec.num_kv_heads
     out = []
     for i, (table, n) in enumerate(zip(tables, lens)):
         keys = torch.stack([kc[table[p // bs], :, p % bs] for p in range(n)], dim=1)  # (Hkv, n, D)
         vals = torch.stack([vc[table[p // bs], :, p % bs] for p in range(n)], dim=1)
-        keys[:, n - 1], vals[:, n - 1] = k[0, i], v[0, i]  # this step's token, written by attend
+        # this step's token, written by attend (rounded to the pool's dtype)
+        keys[:, n - 1], vals[:, n - 1] = k[0, i].to(pool.dtype).float(), v[0, i].to(pool.dtype).float()
         lo = max(0, n - spec.sliding_window) if spec.sliding_window else 0
         keys, vals = keys[:, lo:].repeat_interleave(rep, 0), vals[:, lo:].repeat_interleave(rep, 0)
         p = torch.softmax(torch.einsum("hd,hnd->hn", q[0, i], keys) * spec.scale, dim=-1)
@@ -110,18 +178,28 @@ def _reference(pool, bs, q, k, v, spec, tables, lens) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("use_native", [True, False])
-@pytest.mark.parametrize("hkv,heads,window", [(4, 4, None), (2, 8, None), (1, 4, None), (2, 4, 6)])
-def test_decode_attention_matches_reference(monkeypatch, use_native: bool, hkv: int, heads: int,
-                                            window: int | None) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hkv,heads,window,d", [(4, 4, None, 16), (2, 8, None, 16), (1, 4, None, 16),
+                                                (2, 4, 6, 16), (2, 4, None, 12)])
+def test_decode_attention_matches_reference(monkeypatch, use_native: bool, dtype: torch.dtype, hkv: int,
+                                            heads: int, window: int | None, d: int) -> None:
+    """Decode attention over fp32, fp16 and bf16 pools (kv_cache_dtype), natively and in PyTorch;
+    d = 12 takes the kernel's paths for head sizes that are not a multiple of 8."""
     if use_native and not native.available():
         pytest.skip("no C compiler: native kernels unavailable")
     if not use_native:
         monkeypatch.setattr(native, "available", lambda: False)
-    pool, bs, seqs, q, k, v, spec, tables, lens = _pool_case(hkv * 10 + heads, hkv, heads, window)
+    pool, bs, seqs, q, k, v, spec, tables, lens = _pool_case(hkv * 10 + heads, hkv, heads, window, dtype, d)
+    if use_native and not native.supports(pool):
+        pytest.skip(f"this CPU's build of the kernels has no {dtype} pools")
     expected = _reference(pool.clone(), bs, q, k, v, spec, tables, lens)
     meta = AttnMetadata.build(pool, bs, seqs, Workspace())
     assert (meta.native is not None) == use_native
     torch.testing.assert_close(meta.attend(q, k, v, spec), expected, rtol=1e-5, atol=1e-5)
+    # this step's keys and values went into the pool, rounded as PyTorch rounds
+    for i, (table, n) in enumerate(zip(tables, lens)):
+        slot = pool[spec.layer_idx, :, table[(n - 1) // bs], :, (n - 1) % bs]  # (2, Hkv, D)
+        assert torch.equal(slot, torch.stack([k[0, i], v[0, i]]).to(dtype))
 
 
 @needs_native
