@@ -1,5 +1,5 @@
 """The engine's native CPU kernels (paged decode attention and KV writes, few-row linear, RMSNorm,
-RoPE, greedy argmax), built on first use.
+RoPE, SwiGLU activation, greedy argmax), built on first use.
 
 The C sources in ember/engine/kernels/ are compiled with the system C compiler ($CC, else cc)
 into one shared library, cached under $EMBER_CACHE_DIR (default ~/.cache/ember)/kernels and
@@ -31,7 +31,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("kernels") / name for name in ("paged_attention.c", "linear.c", "rmsnorm.c",
-                                                                            "rope.c", "argmax.c")]
+                                                                            "rope.c", "argmax.c", "swiglu.c")]
+HEADERS = [Path(__file__).with_name("kernels") / "vexp.h"]
 # Reassociation lets the compiler vectorise the dot products' reductions. Not -ffast-math: a
 # library linked with it sets flush-to-zero for the whole process when loaded (tests check).
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
@@ -77,7 +78,7 @@ def _compile(cc: str, out: str, openmp: list[str]) -> None:
 
 def _build(cc: str) -> Path:
     openmp = _torch_openmp()
-    parts = [s.read_bytes() for s in SOURCES] + [" ".join([cc, *FLAGS, *openmp]).encode(), _cpu_flags().encode(),
+    parts = [s.read_bytes() for s in SOURCES + HEADERS] + [" ".join([cc, *FLAGS, *openmp]).encode(), _cpu_flags().encode(),
                                                  platform.machine().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = Path(os.environ.get("EMBER_CACHE_DIR") or Path.home() / ".cache" / "ember") / "kernels"
@@ -126,6 +127,8 @@ def _library() -> ctypes.CDLL | None:
     lib.ember_rms_norm.argtypes = [p] * 3 + [i64] * 2 + [ctypes.c_float]
     lib.ember_rope.restype = None
     lib.ember_rope.argtypes = [p] + [i64] * 5 + [p] * 3
+    lib.ember_silu_mul.restype = None
+    lib.ember_silu_mul.argtypes = [p, p, i64, i64, i64, p]
     lib.ember_argmax_rows.restype = None
     lib.ember_argmax_rows.argtypes = [p, i64, i64, p]
     return lib
@@ -197,11 +200,12 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     return out.to(dtype)
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int | None = None) -> bool:
+def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int | None = None,
+             check_weight: bool = True) -> bool:
     """Whether a kernel can take x and weight: 1..max_rows rows (any if None), fp32 on CPU, a
-    contiguous weight, no autograd, and the kernels built."""
+    contiguous weight (unless check_weight is False), no autograd, and the kernels built."""
     return (0 < rows and (max_rows is None or rows <= max_rows) and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
+            and x.device.type == "cpu" and weight.device.type == "cpu" and (weight.is_contiguous() or not check_weight)
             and not torch.is_grad_enabled() and available())
 
 
@@ -245,6 +249,33 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
                               out.data_ptr())
         return out
     return torch.addcmul(x * cos, x.roll(D // 2, -1), sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up, in one pass through kernels/swiglu.c where it applies (fp32 on CPU, no
+    autograd, both (..., I) with rows evenly strided by the same step, as the two halves of the
+    fused gate|up projection are); a contiguous result."""
+    I = gate.shape[-1]
+    rows = gate.numel() // I if I else 0
+    if (gate.dim() >= 2 and gate.shape == up.shape and _applies(gate, gate, rows, check_weight=False)
+            and up.dtype == torch.float32 and up.device.type == "cpu" and gate.stride(-1) == up.stride(-1) == 1):
+        step = _row_stride(gate)
+        if step is not None and step == _row_stride(up):
+            out = torch.empty(gate.shape, dtype=torch.float32)
+            _library().ember_silu_mul(gate.data_ptr(), up.data_ptr(), rows, I, step, out.data_ptr())
+            return out
+    return torch.nn.functional.silu(gate) * up
+
+
+def _row_stride(x: torch.Tensor) -> int | None:
+    """The step between consecutive rows of x (..., D) when its leading dimensions flatten into
+    one evenly strided sequence of rows, else None."""
+    step, span = x.stride(-2), x.shape[-2]
+    for size, stride in zip(reversed(x.shape[:-2]), reversed(x.stride()[:-2])):
+        if size != 1 and stride != step * span:
+            return None
+        span *= size
+    return step
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,11 @@ class MLP(nn.Module):
         projs = (self.gate_proj, self.up_proj)
         fused = self.fused_gate_up
         gate, up = fused(x) if fused is not None and fused.usable(projs) else (p(x) for p in projs)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activate(gate, up))
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up; the serving engine swaps in a native one (ember/engine/weight_layout.py)."""
+        return F.silu(gate) * up
 
 
 class Expert(nn.Module):

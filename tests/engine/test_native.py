@@ -109,6 +109,26 @@ def test_native_rope_matches_pytorch_on_strided_views(rows: int, heads: int, dim
 
 
 @needs_native
+@pytest.mark.parametrize("rows,inter", [(1, 1408), (9, 13), (300, 1408)])  # 300 x 1408: split over threads
+def test_native_silu_mul_matches_pytorch_on_fused_halves(rows: int, inter: int) -> None:
+    """silu(gate) * up on the two halves of a fused gate|up output, as F.silu(gate) * up."""
+    g = torch.Generator().manual_seed(rows)
+    fused = torch.randn(1, rows, 2 * inter, generator=g) * 6  # gates far into both tails of the sigmoid
+    fused[0, 0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])
+    gate, up = fused.split(inter, dim=-1)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                got = native.silu_mul(gate, up)
+            assert got.is_contiguous()
+            torch.testing.assert_close(got, F.silu(gate) * up)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
 def test_native_argmax_matches_pytorch() -> None:
     """First index of the maximum, ties and NaN as torch.argmax; rows shorter than a vector too."""
     g = torch.Generator().manual_seed(0)

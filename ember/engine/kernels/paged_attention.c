@@ -34,6 +34,8 @@
 #include <immintrin.h>
 #endif
 
+#include "vexp.h"
+
 enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
 
 typedef float v8 __attribute__((vector_size(32), aligned(4))); /* aligned(4): unaligned loads */
@@ -192,8 +194,18 @@ static inline __attribute__((always_inline)) void decode_one(
     /* softmax numerators */
     for (int64_t h = 0; h < H; h++) {
         float *sh = scratch + h * S;
+        vexp_f8 acc8 = {0};
+        int64_t p = lo;
+        for (; p + 8 <= n; p += 8) {
+            vexp_f8 e;
+            __builtin_memcpy(&e, sh + p, sizeof e);
+            e = vexp8(e - mx[h]);
+            __builtin_memcpy(sh + p, &e, sizeof e);
+            acc8 += e;
+        }
         float acc = 0.0f;
-        for (int64_t p = lo; p < n; p++) {
+        for (int i = 0; i < 8; i++) acc += acc8[i];
+        for (; p < n; p++) {
             sh[p] = expf(sh[p] - mx[h]);
             acc += sh[p];
         }
