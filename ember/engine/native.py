@@ -217,9 +217,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             (bias is None or (bias.is_contiguous() and bias.dtype == torch.float32)):
         x2 = x.reshape(rows, in_features).contiguous()
         y = torch.empty(rows, out_features, dtype=torch.float32)
-        xt = torch.empty(0 if rows == 1 else in_features * ((rows + 7) // 8 * 8), dtype=torch.float32)
+        xt = None if rows == 1 else torch.empty(in_features * ((rows + 7) // 8 * 8), dtype=torch.float32)
         _library().ember_linear(x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                y.data_ptr(), rows, out_features, in_features, xt.data_ptr())
+                                y.data_ptr(), rows, out_features, in_features, 0 if xt is None else xt.data_ptr())
         return y.view(*x.shape[:-1], out_features)
     return torch.nn.functional.linear(x, weight, bias)
 

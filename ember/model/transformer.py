@@ -168,8 +168,9 @@ class Block(nn.Module):
                 attn: AttentionBackend | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn)
         h = self.post_attention_layernorm(x)
-        if hasattr(self, "block_sparse_moe"):
-            y, router_logits = self.block_sparse_moe(h)
+        moe = self._modules.get("block_sparse_moe")  # not hasattr: a miss raises inside nn.Module, slowly
+        if moe is not None:
+            y, router_logits = moe(h)
             return x + y, router_logits
         return x + self.mlp(h), None
 
