@@ -30,9 +30,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("paged_attention.c", "linear.c", "rmsnorm.c",
-                                                                            "rope.c", "argmax.c", "swiglu.c")]
-HEADERS = [Path(__file__).with_name("kernels") / "vexp.h"]
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = [KERNELS / name for name in ("paged_attention.c", "linear.c", "rmsnorm.c", "rope.c", "argmax.c", "swiglu.c")]
+HEADERS = [KERNELS / "vexp.h"]  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products' reductions. Not -ffast-math: a
 # library linked with it sets flush-to-zero for the whole process when loaded (tests check).
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
@@ -146,8 +146,14 @@ KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 def supports(pool: torch.Tensor) -> bool:
     """Whether the paged decode kernel and kv_write can serve this KV pool (fp32, fp16 or bf16 on CPU)."""
     kind = KV_KINDS.get(pool.dtype)
-    return (kind is not None and pool.device.type == "cpu" and available()
-            and bool(_library().ember_kv_kinds() >> kind & 1))
+    return kind is not None and pool.device.type == "cpu" and available() and bool(_kv_kinds() >> kind & 1)
+
+
+@lru_cache(maxsize=1)
+def _kv_kinds() -> int:
+    """Bit 1 << kind for each pool element kind the kernels were built for (0: none, no kernels)."""
+    lib = _library()
+    return int(lib.ember_kv_kinds()) if lib is not None else 0
 
 
 def threads() -> int:
