@@ -228,17 +228,18 @@ class AttnMetadata:
         """
         Bd, hkv, D = q.shape[0], spec.num_kv_heads, spec.head_dim
         S = d.nblocks * self.block_size
-        (keys,) = self._gather([kc], d.gather_rows, (Bd, hkv, S, D))
+        # A kv_cache_dtype other than the model's: values are gathered too, widened, then a matmul.
+        widen = vc.dtype != q.dtype
+        keys, *values = self._gather([kc, vc] if widen else [kc], d.gather_rows, (Bd, hkv, S, D))
         rep = spec.num_heads // hkv
         qg = q.view(Bd, hkv, rep, D)  # the rep query heads sharing a KV head act as its queries
         scores = torch.matmul(qg, keys.to(q.dtype).transpose(-1, -2)).float().mul_(spec.scale)  # (Bd, Hkv, rep, S)
         bias = self._decode_bias(spec, S, d)
         if bias is not None:
             scores += bias
-        if vc.dtype != q.dtype:  # a kv_cache_dtype other than the model's: values widened, then a matmul
-            (values,) = self._gather([vc], d.gather_rows, (Bd, hkv, S, D))
+        if widen:
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            return torch.matmul(probs, values.to(q.dtype)).view(Bd, spec.num_heads, D)
+            return torch.matmul(probs, values[0].to(q.dtype)).view(Bd, spec.num_heads, D)
         probs = torch.softmax(scores, dim=-1).to(vc.dtype)
         if rep not in d.bags:
             rows = d.value_rows[:, :, None, :].expand(Bd, hkv, rep, S).reshape(-1)
@@ -272,11 +273,11 @@ class AttnMetadata:
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillSeq,
                  kc: torch.Tensor, vc: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
         T = p.end - p.start
-        if p.gather_rows is None and kc.dtype != k.dtype:
-            # Attend over the keys and values as the pool holds them, as every later read will:
-            # a prompt then gives the same results whether its prefix was cached or computed.
-            k, v = k.to(kc.dtype).to(k.dtype), v.to(vc.dtype).to(v.dtype)
         if p.gather_rows is None:  # the chunk holds every key it needs
+            if kc.dtype != k.dtype:
+                # Attend over the keys and values as the pool holds them, as every later read will:
+                # a prompt then gives the same results whether its prefix was cached or computed.
+                k, v = k.to(kc.dtype).to(k.dtype), v.to(vc.dtype).to(v.dtype)
             if spec.sliding_window is None and not spec.alibi:
                 return sdpa(q, k, v, spec, None, is_causal=True)
             keys, values, k_len = k, v, T

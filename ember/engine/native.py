@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ember.model.rope import rotate
+
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
@@ -78,8 +80,8 @@ def _compile(cc: str, out: str, openmp: list[str]) -> None:
 
 def _build(cc: str) -> Path:
     openmp = _torch_openmp()
-    parts = [s.read_bytes() for s in SOURCES + HEADERS] + [" ".join([cc, *FLAGS, *openmp]).encode(), _cpu_flags().encode(),
-                                                 platform.machine().encode()]
+    parts = [s.read_bytes() for s in SOURCES + HEADERS] + [
+        " ".join([cc, *FLAGS, *openmp]).encode(), _cpu_flags().encode(), platform.machine().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = Path(os.environ.get("EMBER_CACHE_DIR") or Path.home() / ".cache" / "ember") / "kernels"
     lib = root / f"ember_kernels-{key}.so"
@@ -243,7 +245,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """ember.model.rope's x * cos + x.roll(D // 2, -1) * sin for x (B, T, H, D) and cos/sin
+    """ember.model.rope.rotate (x * cos + x.roll(D // 2, -1) * sin) for x (B, T, H, D) and cos/sin
     (B, T, 1, D), in one pass through kernels/rope.c where it applies (fp32 on CPU, even D, no
     autograd, rows of x evenly strided, as the fused projection's views are); a contiguous result."""
     B, T, H, D = x.shape
@@ -254,7 +256,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         _library().ember_rope(x.data_ptr(), B * T, H, D, x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
                               out.data_ptr())
         return out
-    return torch.addcmul(x * cos, x.roll(D // 2, -1), sin)
+    return rotate(x, cos, sin)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -263,8 +265,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     fused gate|up projection are); a contiguous result."""
     I = gate.shape[-1]
     rows = gate.numel() // I if I else 0
-    if (gate.dim() >= 2 and gate.shape == up.shape and _applies(gate, gate, rows, check_weight=False)
-            and up.dtype == torch.float32 and up.device.type == "cpu" and gate.stride(-1) == up.stride(-1) == 1):
+    if (gate.dim() >= 2 and gate.shape == up.shape and _applies(gate, up, rows, check_weight=False)
+            and gate.stride(-1) == up.stride(-1) == 1):
         step = _row_stride(gate)
         if step is not None and step == _row_stride(up):
             out = torch.empty(gate.shape, dtype=torch.float32)

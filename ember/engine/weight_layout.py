@@ -91,6 +91,11 @@ class DecodeRMSNorm(RMSNorm):
         return native.rms_norm(x, self.weight, self.eps)
 
 
+# Exact model classes the native kernels take over (their forward, nothing else, changes).
+NATIVE_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
+    RMSNorm: DecodeRMSNorm, Attention: DecodeAttention, MLP: DecodeMLP}
+
+
 def wants_column_major(weight: torch.Tensor) -> bool:
     """True for a 2-D CPU weight at least as wide as it is tall, not already column-major."""
     if weight.dim() != 2 or weight.device.type != "cpu" or not weight.dtype.is_floating_point:
@@ -115,12 +120,8 @@ def relayout_for_decode(model: nn.Module) -> str:
             if hasattr(module, "fuse_projections"):
                 module.fuse_projections(fn, column_major)
         for module in model.modules():
-            if use_native and type(module) is RMSNorm:
-                module.__class__ = DecodeRMSNorm
-            if use_native and type(module) is Attention:
-                module.__class__ = DecodeAttention
-            if use_native and type(module) is MLP:
-                module.__class__ = DecodeMLP
+            if use_native and type(module) in NATIVE_SWAPS:
+                module.__class__ = NATIVE_SWAPS[type(module)]
             if type(module) is not nn.Linear:
                 continue
             if use_native:

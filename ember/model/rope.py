@@ -67,9 +67,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     HF's x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1): rolling x by half gives
     (x2, x1), and the signed sin supplies the minus.
     """
-    half = q.shape[-1] // 2
-    return (torch.addcmul(q * cos, q.roll(half, -1), sin),
-            torch.addcmul(k * cos, k.roll(half, -1), sin))
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One tensor (..., heads, D) of `apply_rope`."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tensor:

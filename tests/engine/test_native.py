@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,17 @@ from ember.engine.weight_layout import DecodeLinear, relayout_for_decode
 from ember.model.attention import AttnSpec
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: native kernels unavailable")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch (and so the kernels, on torch's OpenMP pool) on n threads, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_native
@@ -36,14 +50,9 @@ def test_native_linear_matches_linear(rows: int, shape: tuple[int, int]) -> None
 def test_native_rms_norm_matches_pytorch(rows: int, dim: int) -> None:
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, dim, generator=g) * 3, torch.randn(dim, generator=g)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                torch.testing.assert_close(native.rms_norm(x, w, 1e-5), F.rms_norm(x, (dim,), w, 1e-5))
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        with torch_threads(threads), torch.no_grad():
+            torch.testing.assert_close(native.rms_norm(x, w, 1e-5), F.rms_norm(x, (dim,), w, 1e-5))
 
 
 @needs_native
@@ -95,17 +104,12 @@ def test_native_rope_matches_pytorch_on_strided_views(rows: int, heads: int, dim
     positions = torch.randint(0, 4000, (1, rows), generator=g)
     cos, sin = rope_cos_sin(cfg, positions, torch.float32)
     expected = apply_rope(q, k, cos, sin)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                got = native.rope(q, cos, sin), native.rope(k, cos, sin)
-            for a, b in zip(got, expected):
-                assert a.is_contiguous()
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        with torch_threads(threads), torch.no_grad():
+            got = native.rope(q, cos, sin), native.rope(k, cos, sin)
+        for a, b in zip(got, expected):
+            assert a.is_contiguous()
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @needs_native
@@ -116,16 +120,11 @@ def test_native_silu_mul_matches_pytorch_on_fused_halves(rows: int, inter: int) 
     fused = torch.randn(1, rows, 2 * inter, generator=g) * 6  # gates far into both tails of the sigmoid
     fused[0, 0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])
     gate, up = fused.split(inter, dim=-1)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                got = native.silu_mul(gate, up)
-            assert got.is_contiguous()
-            torch.testing.assert_close(got, F.silu(gate) * up)
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        with torch_threads(threads), torch.no_grad():
+            got = native.silu_mul(gate, up)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, F.silu(gate) * up)
 
 
 @needs_native
@@ -226,9 +225,7 @@ def test_decode_attention_matches_reference(monkeypatch, use_native: bool, dtype
 def test_kernels_split_over_torchs_threads() -> None:
     """With two torch threads the kernels run on two (torch's OpenMP pool, where torch bundles
     one) and give the same results: sequences split between threads, each with its own scores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         assert native.threads() == (2 if native._torch_openmp() else 1)
         for hkv, heads, window in [(4, 4, None), (2, 8, 6)]:
             pool, bs, seqs, q, k, v, spec, tables, lens = _pool_case(hkv + heads, hkv, heads, window)
@@ -240,8 +237,6 @@ def test_kernels_split_over_torchs_threads() -> None:
             for rows, shape in [(1, (4096, 512)), (16, (1536, 512)), (64, (1409, 1408))]:  # split by outputs
                 w, x = torch.randn(*shape, generator=g), torch.randn(rows, shape[1], generator=g)
                 torch.testing.assert_close(native.linear(x, w), F.linear(x, w), rtol=1e-5, atol=2e-4)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_engine_without_native_kernels_matches_naive(monkeypatch) -> None:
