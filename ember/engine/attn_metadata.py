@@ -95,7 +95,19 @@ class NativeDecode:
     tables: torch.Tensor  # (Bd, W) int64 block tables padded to the longest
     lens: torch.Tensor  # (Bd,) int64 keys per query (its position + 1)
     in_order: bool  # rows are exactly 0..N-1: the step is decodes only
-    scratch: torch.Tensor | None = None  # the kernel's score buffer, shared by the step's layers
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32 scratch shared by the step's layers
+    layer_call: native.DecodeLayerCall | None = None  # the step's one-call layers (ember/engine/fused_layer.py)
+
+    def buffer(self, name: str, numel: int) -> torch.Tensor:
+        """The step's fp32 buffer `name` of at least `numel` values, reused by every layer."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32)
+        return buf
+
+    def scratch(self, num_heads: int, block_size: int) -> torch.Tensor:
+        """The paged decode kernel's score buffer for this step."""
+        return self.buffer("scratch", native.scratch_size(num_heads, self.tables, block_size))
 
 
 def split_by_length(nblocks: list[int], block_bytes: int, budget: int = 8 * 2**20) -> list[list[int]]:
@@ -196,20 +208,17 @@ class AttnMetadata:
         native.kv_write(kc, k[0], self.slot_rows)
         native.kv_write(vc, v[0], self.slot_rows)
         nat = self.native if not spec.alibi else None  # the kernel has no ALiBi
-        if nat is not None:
-            need = native.scratch_size(spec.num_heads, nat.tables, self.block_size)
-            if nat.scratch is None or nat.scratch.numel() < need:
-                nat.scratch = torch.empty(need, dtype=torch.float32)
         if nat is not None and nat.in_order:
             return native.paged_decode(q[0], kc, vc, nat.tables, nat.lens, spec.num_kv_heads, spec.scale,
-                                       spec.sliding_window, nat.scratch).unsqueeze(0)
+                                       spec.sliding_window, nat.scratch(spec.num_heads, self.block_size)).unsqueeze(0)
         if nat is None and len(self.decodes) == 1 and not self.prefills \
                 and self.decodes[0].rows.numel() == q.shape[1]:
             return self._decode(q[0], kc, vc, spec, self.decodes[0]).unsqueeze(0)  # rows are 0..N-1
         out = torch.empty_like(q[0])  # (N, H, D)
         if nat is not None:
             out[nat.rows] = native.paged_decode(q[0, nat.rows], kc, vc, nat.tables, nat.lens, spec.num_kv_heads,
-                                                spec.scale, spec.sliding_window, nat.scratch)
+                                                spec.scale, spec.sliding_window,
+                                                nat.scratch(spec.num_heads, self.block_size))
         else:
             for d in self.decodes:
                 out[d.rows] = self._decode(q[0, d.rows], kc, vc, spec, d)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.engine.attn_metadata import AttnMetadata, Workspace, allocate_kv_cache
+from ember.engine.fused_layer import DecodeStack
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.request import Request
 from ember.engine.scheduler import SchedulerOutput
@@ -51,6 +52,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache = allocate_kv_cache(model.config, num_blocks, block_size, kv_dtype or p.dtype, p.device)
         self.workspace = Workspace()
+        self.stack = DecodeStack(model)
         # Masked keys still enter SDPA's weighted sum (weight 0): never-written memory could hold
         # NaN, so a block is zeroed the first time it is written.
         self.initialized = torch.zeros(num_blocks, dtype=torch.bool, device=p.device)
@@ -89,7 +91,9 @@ class ModelRunner:
         if fresh.numel():
             self.kv_cache[:, :, fresh] = 0
             self.initialized[fresh] = True
-        h, _ = self.model.hidden(input_ids, positions, meta)
+        h = self.stack.hidden(input_ids, positions, meta)  # decode-only steps, when it can: one native call
+        if h is None:
+            h, _ = self.model.hidden(input_ids, positions, meta)
         h = h[0]  # (N, D)
         span_rows = [r for _, lo, hi, _ in prompt_spans for r in range(lo, hi)]
         if not sample_rows and not span_rows:

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -33,8 +34,9 @@ from ember.model.rope import rotate
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [KERNELS / name for name in ("paged_attention.c", "linear.c", "rmsnorm.c", "rope.c", "argmax.c", "swiglu.c")]
-HEADERS = [KERNELS / "vexp.h"]  # included by the sources: part of the cache key
+SOURCES = [KERNELS / name for name in ("paged_attention.c", "linear.c", "rmsnorm.c", "rope.c", "argmax.c", "swiglu.c",
+                                        "decode_layer.c")]
+HEADERS = [KERNELS / "vexp.h", KERNELS / "kernels.h"]  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products' reductions. Not -ffast-math: a
 # library linked with it sets flush-to-zero for the whole process when loaded (tests check).
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
@@ -105,6 +107,17 @@ def _build(cc: str) -> Path:
     return lib
 
 
+class LayerWeights(ctypes.Structure):
+    """A decoder layer's weights (fp32, row-major contiguous; None: no bias) and shapes, as
+    kernels/decode_layer.c's struct ember_layer. Holds addresses only: whoever builds one keeps
+    the tensors alive and checks they are still the layer's (ember/engine/fused_layer.py)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("norm1", "wqkv", "bqkv", "wo", "bo", "norm2", "wgu", "bgu", "wdown", "bdown")] + \
+               [(name, ctypes.c_int64) for name in ("D", "H", "Hkv", "hd", "I", "window")] + \
+               [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
+
+
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("EMBER_NATIVE", "1") == "0":
@@ -133,6 +146,13 @@ def _library() -> ctypes.CDLL | None:
     lib.ember_silu_mul.argtypes = [p, p, i64, i64, i64, p]
     lib.ember_argmax_rows.restype = None
     lib.ember_argmax_rows.argtypes = [p, i64, i64, p]
+    layer = ctypes.POINTER(LayerWeights)
+    lib.ember_decode_layer_work.restype = i64
+    lib.ember_decode_layer_work.argtypes = [layer, i64]
+    lib.ember_decode_layer.restype = None
+    lib.ember_decode_layer.argtypes = [layer, p, p, i64, p, p, p, p, p, p, p, i64, i64, i64, p, i64, p]
+    lib.ember_decode_layers.restype = None
+    lib.ember_decode_layers.argtypes = [p, p, i64, p, p, p, i64, p, p, p, i64, p, p, p, i64, i64, i64, p, i64, p]
     return lib
 
 
@@ -296,3 +316,80 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         _library().ember_argmax_rows(x.data_ptr(), R, V, out.data_ptr())
         return out
     return x.argmax(dim=-1)
+
+
+def decode_layer_work(weights: LayerWeights, rows: int) -> int:
+    """fp32 values of the work buffer kernels/decode_layer.c needs for `rows` decode rows."""
+    return int(_library().ember_decode_layer_work(ctypes.byref(weights), rows))
+
+
+class LayerStack:
+    """Consecutive layers for DecodeLayerCall.stack: their LayerWeights and pool layer indices
+    as C arrays, built once and reused while the layers stay the same."""
+
+    def __init__(self, weights: list[LayerWeights], layer_ids: list[int]) -> None:
+        self.weights = weights  # alive while the array points at them
+        self.array = (ctypes.c_void_p * len(weights))(*[ctypes.addressof(w) for w in weights])
+        self.ids = (ctypes.c_int64 * len(layer_ids))(*layer_ids)
+        self.n = len(weights)
+
+
+class DecodeLayerCall:
+    """kernels/decode_layer.c for one decode step: the arguments every layer shares (rows, RoPE
+    cos/sin (rows, hd), the pool and its slots, block tables and lengths, as kv_write and
+    paged_decode take them) are checked and converted once; each layer's call then passes only
+    its weights, its input and its layer index. The caller checks that every kernel applies
+    (ember/engine/fused_layer.py); the values are those of the kernels above, bit for bit.
+    """
+
+    def __init__(self, rows: int, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_rows: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, num_heads: int,
+                 scratch: torch.Tensor, work: Callable[[int], torch.Tensor]) -> None:
+        hkv, bs, hd = kv_cache.shape[3:]
+        if not (kv_cache.is_contiguous() and supports(kv_cache) and cos.numel() == sin.numel() == rows * hd
+                and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+                and slot_rows.dtype == tables.dtype == lens.dtype == torch.int64 and slot_rows.numel() == rows * hkv
+                and tables.shape[0] == lens.numel() == rows and slot_rows.is_contiguous()
+                and tables.is_contiguous() and lens.is_contiguous() and scratch.dtype == torch.float32
+                and scratch.numel() >= scratch_size(num_heads, tables, bs)):
+            raise ValueError("DecodeLayerCall: arguments of the wrong shape, dtype, layout or size")
+        self.rows, self.shape, self.work = rows, (num_heads, hkv, hd), work
+        self.keep = (cos, sin, kv_cache, slot_rows, tables, lens, scratch)  # alive while their addresses are used
+        self.layer_bytes = kv_cache[0].numel() * kv_cache.element_size()
+        self.pool = kv_cache.data_ptr()
+        self.head = (cos.data_ptr(), sin.data_ptr())
+        self.tail = [slot_rows.data_ptr(), tables.data_ptr(), lens.data_ptr(), tables.shape[1], bs,
+                     KV_KINDS[kv_cache.dtype], scratch.data_ptr(), threads(), 0]
+        self.needs: dict[int, int] = {}  # id(weights) -> work values checked for this step's rows
+        self.fn = _library().ember_decode_layer
+        self.stack_fn = _library().ember_decode_layers
+
+    def __call__(self, weights: LayerWeights, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer `layer`'s output for x (1, rows, D) fp32 contiguous."""
+        need = self.needs.get(id(weights))
+        if need is None:
+            if (weights.H, weights.Hkv, weights.hd) != self.shape or x.numel() != self.rows * weights.D:
+                raise ValueError("DecodeLayerCall: a layer of another shape than the step was prepared for")
+            need = self.needs[id(weights)] = decode_layer_work(weights, self.rows)
+        tail = self.tail
+        tail[-1] = self.work(need).data_ptr()
+        out = torch.empty_like(x)
+        k = self.pool + layer * self.layer_bytes  # this layer's keys, then its values
+        self.fn(ctypes.byref(weights), x.data_ptr(), out.data_ptr(), self.rows, *self.head, k,
+                k + self.layer_bytes // 2, *tail)
+        return out
+
+    def stack(self, layers: LayerStack, x: torch.Tensor) -> torch.Tensor:
+        """The output of `layers` applied in turn to x (1, rows, D) fp32 contiguous: the same values
+        as calling each layer, in one native call."""
+        for w in layers.weights:
+            if id(w) not in self.needs:
+                if (w.H, w.Hkv, w.hd) != self.shape or x.numel() != self.rows * w.D:
+                    raise ValueError("DecodeLayerCall: a layer of another shape than the step was prepared for")
+                self.needs[id(w)] = decode_layer_work(w, self.rows)
+        tail = self.tail
+        tail[-1] = self.work(max(self.needs[id(w)] for w in layers.weights)).data_ptr()
+        out, tmp = torch.empty_like(x), torch.empty_like(x)
+        self.stack_fn(layers.array, layers.ids, layers.n, x.data_ptr(), out.data_ptr(), tmp.data_ptr(), self.rows,
+                      *self.head, self.pool, self.layer_bytes, *tail)
+        return out

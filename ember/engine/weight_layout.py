@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.engine import native
-from ember.model.transformer import MLP, Attention, RMSNorm
+from ember.engine.fused_layer import DecodeBlock
+from ember.model.transformer import MLP, Attention, Block, RMSNorm
 
 
 OUTPUT_CHUNK = 2048  # rows of a very wide weight (an LM head) multiplied at a time
@@ -93,7 +94,7 @@ class DecodeRMSNorm(RMSNorm):
 
 # Exact model classes the native kernels take over (their forward, nothing else, changes).
 NATIVE_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
-    RMSNorm: DecodeRMSNorm, Attention: DecodeAttention, MLP: DecodeMLP}
+    RMSNorm: DecodeRMSNorm, Attention: DecodeAttention, MLP: DecodeMLP, Block: DecodeBlock}
 
 
 def wants_column_major(weight: torch.Tensor) -> bool:

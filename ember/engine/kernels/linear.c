@@ -48,11 +48,19 @@ static inline float hsum(v8 a) {
 /* Below this many multiply-adds a product stays on one thread: waking the others costs more. */
 #define PARALLEL_MIN (1 << 18)
 
-static void matvec(const float *x, const float *W, float *y, int64_t N, int64_t K) {
-    const int64_t groups = N / ROWS;
-#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN)
-    for (int64_t gi = 0; gi < groups; gi++) {
+static void matvec(const float *x, const float *W, const float *bias, float *y, int64_t N, int64_t K) {
+    const int64_t groups = N / ROWS, tail = N % ROWS != 0;
+#pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < groups + tail; gi++) {
         const int64_t o = gi * ROWS;
+        if (gi == groups) { /* the last N % ROWS rows */
+            for (int64_t r = o; r < N; r++) {
+                float a = 0.0f;
+                for (int64_t i = 0; i < K; i++) a += x[i] * W[r * K + i];
+                y[r] = bias ? a + bias[r] : a;
+            }
+            continue;
+        }
         const float *w = W + o * K;
         const float *pf = o + AHEAD + ROWS <= N ? w + AHEAD * K : 0;
         v8 acc[ROWS];
@@ -68,13 +76,8 @@ static void matvec(const float *x, const float *W, float *y, int64_t N, int64_t 
         for (int j = 0; j < ROWS; j++) {
             float a = hsum(acc[j]);
             for (int64_t t = k; t < K; t++) a += x[t] * w[j * K + t];
-            y[o + j] = a;
+            y[o + j] = bias ? a + bias[o + j] : a;
         }
-    }
-    for (int64_t o = groups * ROWS; o < N; o++) {
-        float a = 0.0f;
-        for (int64_t i = 0; i < K; i++) a += x[i] * W[o * K + i];
-        y[o] = a;
     }
 }
 
@@ -83,12 +86,12 @@ static void matvec(const float *x, const float *W, float *y, int64_t N, int64_t 
 #define NR 6  /* weight rows per tile */
 #define MV 2  /* vectors of 8 x rows per tile */
 
-/* One tile: y[m0 .. m0 + 8 mv) x [n .. n + nr) with w = W + n K, y already offset by n.
+/* One tile: y[m0 .. m0 + 8 mv) x [n .. n + nr) with w = W + n K, y and bias already offset by n.
  * nr and mv are constants at every call site, so each case compiles to its own unrolled loop.
  * pf: the next weight tile, prefetched during this one (NULL: none). */
 static inline __attribute__((always_inline)) void tile(const float *xt, int64_t Mp, const float *w,
-                                                         int64_t K, float *y, int64_t N, int64_t m0,
-                                                         int64_t M, const float *pf, const int nr,
+                                                         const float *bias, int64_t K, float *y, int64_t N,
+                                                         int64_t m0, int64_t M, const float *pf, const int nr,
                                                          const int mv) {
     v8 acc[NR][MV];
 #pragma GCC unroll 8
@@ -117,50 +120,53 @@ static inline __attribute__((always_inline)) void tile(const float *xt, int64_t 
         for (int v = 0; v < mv; v++)
             for (int l = 0; l < 8; l++) {
                 const int64_t m = m0 + 8 * v + l;
-                if (m < M) y[m * N + j] = acc[j][v][l];
+                if (m < M) y[m * N + j] = bias ? acc[j][v][l] + bias[j] : acc[j][v][l];
             }
 }
 
 #define TILE(a, b) \
-    case (a) * 16 + (b): tile(xt, Mp, w, K, y + n, N, m, M, pf, a, b); break;
+    case (a) * 16 + (b): tile(xt, Mp, w, bias ? bias + n : 0, K, y + n, N, m, M, pf, a, b); break;
 
-static void tiled(const float *x, const float *W, float *y, int64_t M, int64_t N, int64_t K, float *xt) {
+static void tiled(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                  float *xt) {
     const int64_t Mp = (M + 7) / 8 * 8;
     const int64_t tiles = (N + NR - 1) / NR;
-#pragma omp parallel if (M * N * K >= PARALLEL_MIN)
-    {
-        /* The transpose is split too: on one thread it was ~4% of a 64-row decode step's products. */
+    /* The transpose is split too: on one thread it was ~4% of a 64-row decode step's products. */
 #pragma omp for schedule(static)
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * K + k] : 0.0f;
-        /* Static: each thread gets one contiguous run of tiles, which its prefetches follow. */
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * K + k] : 0.0f;
+    /* Static: each thread gets one contiguous run of tiles, which its prefetches follow. */
 #pragma omp for schedule(static)
-        for (int64_t ti = 0; ti < tiles; ti++) {
-            const int64_t n = ti * NR;
-            const int nr = N - n < NR ? (int)(N - n) : NR;
-            const float *w = W + n * K;
-            for (int64_t m = 0; m < Mp; m += 8 * MV) {
-                const int mv = (Mp - m) / 8 < MV ? (int)((Mp - m) / 8) : MV;
-                const float *pf = (m == 0 && n + 2 * NR <= N) ? w + NR * K : 0;
-                switch (nr * 16 + mv) {
-                    TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1)
-                    TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2)
-                }
+    for (int64_t ti = 0; ti < tiles; ti++) {
+        const int64_t n = ti * NR;
+        const int nr = N - n < NR ? (int)(N - n) : NR;
+        const float *w = W + n * K;
+        for (int64_t m = 0; m < Mp; m += 8 * MV) {
+            const int mv = (Mp - m) / 8 < MV ? (int)((Mp - m) / 8) : MV;
+            const float *pf = (m == 0 && n + 2 * NR <= N) ? w + NR * K : 0;
+            switch (nr * 16 + mv) {
+                TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1)
+                TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2)
             }
         }
     }
 }
 
+/* The product on the calling team: every thread of the enclosing parallel region must call it
+ * (outside one, the calling thread computes it all). decode_layer.c calls it from its region. */
+void ember_linear_team(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N,
+                       int64_t K, float *xt) {
+    if (M == 1)
+        matvec(x, W, bias, y, N, K);
+    else
+        tiled(x, W, bias, y, M, N, K, xt);
+}
+
 /* xt: scratch of K * ((M + 7) / 8 * 8) floats (unused for M == 1). */
 void ember_linear(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N,
                   int64_t K, float *xt) {
-    if (M == 1)
-        matvec(x, W, y, N, K);
-    else
-        tiled(x, W, y, M, N, K, xt);
-    if (bias != 0)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
+#pragma omp parallel if (M * N * K >= PARALLEL_MIN)
+    ember_linear_team(x, W, bias, y, M, N, K, xt);
 }
 
 /* Threads a parallel kernel uses: the OpenMP pool's size (torch.set_num_threads sets it), 1

@@ -19,8 +19,9 @@
  *   lens    (B,) int64           keys to attend (the query's position + 1)
  *   window  0, or a sliding window: keys at positions >= len - window only
  *   scratch threads * H * W * bs floats   per thread, the scores of one sequence's query heads
- *   threads  sequences are spread over up to this many OpenMP threads (torch's pool, see
- *            ember/engine/native.py); 1, or a build without OpenMP: serial
+ *   threads  sequences (few sequences: groups of their KV heads) are spread over up to this
+ *            many OpenMP threads (torch's pool, see ember/engine/native.py); 1, or a build
+ *            without OpenMP: serial
  *   out     (B, H, D) fp32
  */
 #include <float.h>
@@ -146,11 +147,13 @@ static inline void block_span(int64_t j, int64_t lo, int64_t n, int64_t bs, int6
     *t1 = n < (j + 1) * bs ? n - j * bs : bs;
 }
 
-/* One sequence b; `kind` is a constant in each caller (always_inline), one specialised copy each. */
+/* KV heads g0 .. g1-1 of sequence b (their query heads g0*rep .. g1*rep-1); each head's
+ * arithmetic is the same whichever heads share the call. `kind` is a constant in each caller
+ * (always_inline), one specialised copy each. */
 static inline __attribute__((always_inline)) void decode_one(
-        int64_t b, const float *q, const char *k, const char *v, const int64_t *tables, const int64_t *lens,
-        int64_t W, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, int64_t window, float *scratch,
-        float *out, int kind) {
+        int64_t b, int64_t g0, int64_t g1, const float *q, const char *k, const char *v, const int64_t *tables,
+        const int64_t *lens, int64_t W, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, int64_t window,
+        float *scratch, float *out, int kind) {
     /* Blocks outermost: a block's rows for all KV heads are one contiguous run of memory
      * (Hkv * bs * D elements), read front to back. */
     const int64_t es = elem_size(kind), rep = H / Hkv, head_row = bs * D * es, block = Hkv * head_row,
@@ -163,11 +166,11 @@ static inline __attribute__((always_inline)) void decode_one(
     const float *qb = q + b * H * D;
     float *ob = out + b * H * D;
     /* pass 1: scores of every query head (h = g * rep + r) in scratch[h * S + position] */
-    for (int64_t h = 0; h < H; h++) mx[h] = -FLT_MAX;
+    for (int64_t h = g0 * rep; h < g1 * rep; h++) mx[h] = -FLT_MAX;
     for (int64_t j = first; j <= last; j++) {
         int64_t t0, t1;
         block_span(j, lo, n, bs, &t0, &t1);
-        for (int64_t g = 0; g < Hkv; g++) {
+        for (int64_t g = g0; g < g1; g++) {
             const char *kb = head_rows(k, tab, j, last, g, block, head_row);
             int64_t t = t0;
             if (D % 8 == 0)
@@ -192,7 +195,7 @@ static inline __attribute__((always_inline)) void decode_one(
         }
     }
     /* softmax numerators */
-    for (int64_t h = 0; h < H; h++) {
+    for (int64_t h = g0 * rep; h < g1 * rep; h++) {
         float *sh = scratch + h * S;
         vexp_f8 acc8 = {0};
         int64_t p = lo;
@@ -211,12 +214,12 @@ static inline __attribute__((always_inline)) void decode_one(
         }
         sum[h] = acc;
     }
-    for (int64_t i = 0; i < H * D; i++) ob[i] = 0.0f;
+    for (int64_t i = g0 * rep * D; i < g1 * rep * D; i++) ob[i] = 0.0f;
     /* pass 2: probability-weighted values */
     for (int64_t j = first; j <= last; j++) {
         int64_t t0, t1;
         block_span(j, lo, n, bs, &t0, &t1);
-        for (int64_t g = 0; g < Hkv; g++) {
+        for (int64_t g = g0; g < g1; g++) {
             const char *vb = head_rows(v, tab, j, last, g, block, head_row);
             for (int64_t t = t0; t < t1; t++)
                 for (int64_t r = 0; r < rep; r++) {
@@ -225,9 +228,47 @@ static inline __attribute__((always_inline)) void decode_one(
                 }
         }
     }
-    for (int64_t h = 0; h < H; h++) {
+    for (int64_t h = g0 * rep; h < g1 * rep; h++) {
         const float inv = 1.0f / sum[h];
         for (int64_t d = 0; d < D; d++) ob[h * D + d] *= inv;
+    }
+}
+
+/* On the calling team (see ember_linear_team in linear.c), whose size must not exceed `threads`
+ * (the scratch holds that many score buffers); ember_paged_decode below opens one. */
+void ember_paged_decode_team(const float *q, const void *k, const void *v, const int64_t *tables,
+                             const int64_t *lens, int64_t B, int64_t W, int64_t H, int64_t Hkv,
+                             int64_t D, int64_t bs, float scale, int64_t window, float *scratch_all,
+                             int64_t kind, float *out) {
+    const int64_t S = W * bs;
+#ifdef _OPENMP
+    const int64_t team = omp_get_num_threads();
+#else
+    const int64_t team = 1;
+#endif
+    /* Work units are (sequence, group of its KV heads): with fewer than two sequences per
+     * thread, each sequence's heads are split over threads (batch-1 decode would otherwise
+     * run on one). */
+    int64_t split = team == 1 || B >= 2 * team ? 1 : (2 * team + B - 1) / B;
+    if (split > Hkv) split = Hkv;
+    const int64_t per = (Hkv + split - 1) / split, groups = (Hkv + per - 1) / per, units = B * groups;
+    /* Dynamic: sequences differ in length. */
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; u++) {
+#ifdef _OPENMP
+        float *scratch = scratch_all + (int64_t)omp_get_thread_num() * H * S;
+#else
+        float *scratch = scratch_all;
+#endif
+        const int64_t b = u / groups, g0 = u % groups * per, g1 = g0 + per < Hkv ? g0 + per : Hkv;
+        if (kind == KV_F32)
+            decode_one(b, g0, g1, q, k, v, tables, lens, W, H, Hkv, D, bs, scale, window, scratch, out, KV_F32);
+#ifdef __F16C__
+        else if (kind == KV_F16)
+            decode_one(b, g0, g1, q, k, v, tables, lens, W, H, Hkv, D, bs, scale, window, scratch, out, KV_F16);
+#endif
+        else
+            decode_one(b, g0, g1, q, k, v, tables, lens, W, H, Hkv, D, bs, scale, window, scratch, out, KV_BF16);
     }
 }
 
@@ -235,24 +276,8 @@ void ember_paged_decode(const float *q, const void *k, const void *v, const int6
                         const int64_t *lens, int64_t B, int64_t W, int64_t H, int64_t Hkv,
                         int64_t D, int64_t bs, float scale, int64_t window, float *scratch_all,
                         int64_t threads, int64_t kind, float *out) {
-    const int64_t S = W * bs;
-    /* Dynamic: sequences differ in length. */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && B > 1)
-    for (int64_t b = 0; b < B; b++) {
-#ifdef _OPENMP
-        float *scratch = scratch_all + (int64_t)omp_get_thread_num() * H * S;
-#else
-        float *scratch = scratch_all;
-#endif
-        if (kind == KV_F32)
-            decode_one(b, q, k, v, tables, lens, W, H, Hkv, D, bs, scale, window, scratch, out, KV_F32);
-#ifdef __F16C__
-        else if (kind == KV_F16)
-            decode_one(b, q, k, v, tables, lens, W, H, Hkv, D, bs, scale, window, scratch, out, KV_F16);
-#endif
-        else
-            decode_one(b, q, k, v, tables, lens, W, H, Hkv, D, bs, scale, window, scratch, out, KV_BF16);
-    }
+#pragma omp parallel num_threads(threads) if (threads > 1 && B * Hkv > 1)
+    ember_paged_decode_team(q, k, v, tables, lens, B, W, H, Hkv, D, bs, scale, window, scratch_all, kind, out);
 }
 
 /* fp32 -> bf16, rounding to nearest even; NaN stays a (quiet) NaN. As PyTorch's conversion. */
@@ -270,6 +295,8 @@ static inline uint16_t to_bf16(float f) {
  * ~75 us for 64 tokens x 8 heads; these are plain copies of 256 bytes. */
 void ember_kv_write(void *pool, const float *src, const int64_t *rows, int64_t N, int64_t Hkv,
                     int64_t D, int64_t stride_n, int64_t stride_h, int64_t kind) {
+    /* Serial when called on its own; shared by the team inside decode_layer.c's region. */
+#pragma omp for schedule(static)
     for (int64_t i = 0; i < N; i++)
         for (int64_t h = 0; h < Hkv; h++) {
             const float *s = src + i * stride_n + h * stride_h;

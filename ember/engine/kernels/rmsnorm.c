@@ -9,8 +9,9 @@
 #include <math.h>
 #include <stdint.h>
 
-void ember_rms_norm(const float *x, const float *weight, float *y, int64_t B, int64_t D, float eps) {
-#pragma omp parallel for schedule(static) if (B * D >= (1 << 17))
+/* On the calling team (see ember_linear_team in linear.c); ember_rms_norm below opens one. */
+void ember_rms_norm_team(const float *x, const float *weight, float *y, int64_t B, int64_t D, float eps) {
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * D;
         float *yb = y + b * D;
@@ -19,4 +20,9 @@ void ember_rms_norm(const float *x, const float *weight, float *y, int64_t B, in
         const float inv = 1.0f / sqrtf(ss / (float)D + eps);
         for (int64_t i = 0; i < D; i++) yb[i] = xb[i] * inv * weight[i];
     }
+}
+
+void ember_rms_norm(const float *x, const float *weight, float *y, int64_t B, int64_t D, float eps) {
+#pragma omp parallel if (B * D >= (1 << 17))
+    ember_rms_norm_team(x, weight, y, B, D, eps);
 }

@@ -15,10 +15,11 @@
 
 typedef float v8 __attribute__((vector_size(32), aligned(4))); /* aligned(4): unaligned loads */
 
-void ember_rope(const float *restrict x, int64_t N, int64_t H, int64_t D, int64_t sn, int64_t sh,
-                const float *restrict cos, const float *restrict sin, float *restrict out) {
+/* On the calling team (see ember_linear_team in linear.c); ember_rope below opens one. */
+void ember_rope_team(const float *restrict x, int64_t N, int64_t H, int64_t D, int64_t sn, int64_t sh,
+                     const float *restrict cos, const float *restrict sin, float *restrict out) {
     const int64_t half = D / 2;
-#pragma omp parallel for schedule(static) if (N * H * D >= (1 << 17))
+#pragma omp for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         const float *c = cos + i * D, *s = sin + i * D;
         for (int64_t h = 0; h < H; h++) {
@@ -36,4 +37,10 @@ void ember_rope(const float *restrict x, int64_t N, int64_t H, int64_t D, int64_
             }
         }
     }
+}
+
+void ember_rope(const float *restrict x, int64_t N, int64_t H, int64_t D, int64_t sn, int64_t sh,
+                const float *restrict cos, const float *restrict sin, float *restrict out) {
+#pragma omp parallel if (N * H * D >= (1 << 17))
+    ember_rope_team(x, N, H, D, sn, sh, cos, sin, out);
 }

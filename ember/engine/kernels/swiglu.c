@@ -10,8 +10,9 @@
 
 #include "vexp.h"
 
-void ember_silu_mul(const float *gate, const float *up, int64_t N, int64_t I, int64_t stride, float *out) {
-#pragma omp parallel for schedule(static) if (N * I >= (1 << 17))
+/* On the calling team (see ember_linear_team in linear.c); ember_silu_mul below opens one. */
+void ember_silu_mul_team(const float *gate, const float *up, int64_t N, int64_t I, int64_t stride, float *out) {
+#pragma omp for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         const float *g = gate + i * stride, *u = up + i * stride;
         float *o = out + i * I;
@@ -28,4 +29,9 @@ void ember_silu_mul(const float *gate, const float *up, int64_t N, int64_t I, in
             o[j] = g[j] / (1.0f + vexp8(-gv)[0]) * u[j];
         }
     }
+}
+
+void ember_silu_mul(const float *gate, const float *up, int64_t N, int64_t I, int64_t stride, float *out) {
+#pragma omp parallel if (N * I >= (1 << 17))
+    ember_silu_mul_team(gate, up, N, I, stride, out);
 }

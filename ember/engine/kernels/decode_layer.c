@@ -1,0 +1,93 @@
+/* One whole decoder layer of a decode-only step, in one call: ember/engine/native.py builds and
+ * loads this file; ember/engine/fused_layer.py's DecodeBlock calls it once per layer.
+ *
+ * Why: at batch 1 the layer's arithmetic is a few hundred microseconds of weight streaming,
+ * and calling its twelve kernels from Python, each through the module tree, a ctypes call and
+ * new result tensors, added ~0.18 ms a layer (~20 % of a bench-50m token). Here the same
+ * kernels' code runs back to back on one team of threads, which stays awake between them,
+ * on the same values as the module-by-module path: the results are bit-identical to it
+ * (each output is computed by one thread, in the same order, whatever the split; tests
+ * compare them).
+ *
+ *   out (M, D) = x + o(attention(rope(q), rope(k), v))         q|k|v = qkv(rmsnorm1(x)),
+ *   out       += down(silu(gate) * up)                         gate|up = gu(rmsnorm2(out))
+ *
+ * Keys and values are written into the pool at slot_rows first; every query attends over its
+ * own blocks (tables, lens: as ember_paged_decode).
+ */
+#include <stdint.h>
+
+#include "kernels.h"
+
+/* A layer's weights (all fp32, row-major contiguous; a NULL bias is none) and shapes. The same
+ * layout as ember/engine/native.py's LayerWeights. */
+struct ember_layer {
+    const float *norm1, *wqkv, *bqkv, *wo, *bo, *norm2, *wgu, *bgu, *wdown, *bdown;
+    int64_t D, H, Hkv, hd, I, window;
+    float eps1, eps2, scale;
+};
+
+static int64_t max3(int64_t a, int64_t b, int64_t c) {
+    const int64_t m = a > b ? a : b;
+    return m > c ? m : c;
+}
+
+/* Floats of the `work` buffer ember_decode_layer needs for M rows. */
+int64_t ember_decode_layer_work(const struct ember_layer *L, int64_t M) {
+    const int64_t qd = L->H * L->hd, kd = L->Hkv * L->hd, Mp = (M + 7) / 8 * 8;
+    return M * (L->D + (qd + 2 * kd) + qd + kd + qd + L->D + 2 * L->I + L->I) + max3(L->D, qd, L->I) * Mp;
+}
+
+void ember_decode_layer(const struct ember_layer *L, const float *x, float *out, int64_t M, const float *cos,
+                        const float *sin, void *kpool, void *vpool, const int64_t *slot_rows,
+                        const int64_t *tables, const int64_t *lens, int64_t W, int64_t bs, int64_t kind,
+                        float *scratch, int64_t threads, float *work) {
+    const int64_t D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I;
+    const int64_t qd = H * hd, kd = Hkv * hd, nqkv = qd + 2 * kd;
+    float *h = work, *qkv = h + M * D, *q = qkv + M * nqkv, *k = q + M * qd, *att = k + M * kd,
+          *proj = att + M * qd, *gu = proj + M * D, *act = gu + M * 2 * I, *xt = act + M * I;
+
+    /* One team for the whole layer: each step below ends in a barrier, so its results are
+     * complete before the next reads them. */
+#pragma omp parallel num_threads(threads)
+    {
+        ember_rms_norm_team(x, L->norm1, h, M, D, L->eps1);
+        ember_linear_team(h, L->wqkv, L->bqkv, qkv, M, nqkv, D, xt);
+        ember_rope_team(qkv, M, H, hd, nqkv, hd, cos, sin, q);
+        ember_rope_team(qkv + qd, M, Hkv, hd, nqkv, hd, cos, sin, k);
+        ember_kv_write(kpool, k, slot_rows, M, Hkv, hd, kd, hd, kind);
+        ember_kv_write(vpool, qkv + qd + kd, slot_rows, M, Hkv, hd, nqkv, hd, kind);
+        ember_paged_decode_team(q, kpool, vpool, tables, lens, M, W, H, Hkv, hd, bs, L->scale, L->window, scratch,
+                                kind, att);
+        ember_linear_team(att, L->wo, L->bo, proj, M, D, qd, xt);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * D; i++) out[i] = x[i] + proj[i];
+
+        ember_rms_norm_team(out, L->norm2, h, M, D, L->eps2);
+        ember_linear_team(h, L->wgu, L->bgu, gu, M, 2 * I, D, xt);
+        ember_silu_mul_team(gu, gu + I, M, I, 2 * I, act);
+        ember_linear_team(act, L->wdown, L->bdown, proj, M, D, I, xt);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * D; i++) out[i] += proj[i];
+    }
+}
+
+/* Layers layers[0 .. n-1] in turn (a model's stack for one decode step): x -> out, through `tmp`
+ * (M * D floats) between layers; layer i uses the pool's layer layer_ids[i], whose keys start
+ * at pool + layer_ids[i] * layer_bytes and values half a layer later. The same values as
+ * calling ember_decode_layer for each: one call instead of n from Python. */
+void ember_decode_layers(const struct ember_layer *const *layers, const int64_t *layer_ids, int64_t n,
+                         const float *x, float *out, float *tmp, int64_t M, const float *cos, const float *sin,
+                         char *pool, int64_t layer_bytes, const int64_t *slot_rows, const int64_t *tables,
+                         const int64_t *lens, int64_t W, int64_t bs, int64_t kind, float *scratch,
+                         int64_t threads, float *work) {
+    const float *src = x;
+    for (int64_t i = 0; i < n; i++) {
+        /* the last layer writes `out`; before it they alternate so that no layer reads its output */
+        float *dst = (n - 1 - i) % 2 == 0 ? out : tmp;
+        char *k = pool + layer_ids[i] * layer_bytes;
+        ember_decode_layer(layers[i], src, dst, M, cos, sin, k, k + layer_bytes / 2, slot_rows, tables, lens, W,
+                           bs, kind, scratch, threads, work);
+        src = dst;
+    }
+}
