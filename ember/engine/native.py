@@ -371,8 +371,9 @@ class DecodeLayerCall:
             if (weights.H, weights.Hkv, weights.hd) != self.shape or x.numel() != self.rows * weights.D:
                 raise ValueError("DecodeLayerCall: a layer of another shape than the step was prepared for")
             need = self.needs[id(weights)] = decode_layer_work(weights, self.rows)
+        work = self.work(need)  # held until the call returns
         tail = self.tail
-        tail[-1] = self.work(need).data_ptr()
+        tail[-1] = work.data_ptr()
         out = torch.empty_like(x)
         k = self.pool + layer * self.layer_bytes  # this layer's keys, then its values
         self.fn(ctypes.byref(weights), x.data_ptr(), out.data_ptr(), self.rows, *self.head, k,
@@ -387,8 +388,9 @@ class DecodeLayerCall:
                 if (w.H, w.Hkv, w.hd) != self.shape or x.numel() != self.rows * w.D:
                     raise ValueError("DecodeLayerCall: a layer of another shape than the step was prepared for")
                 self.needs[id(w)] = decode_layer_work(w, self.rows)
+        work = self.work(max(self.needs[id(w)] for w in layers.weights))  # held until the call returns
         tail = self.tail
-        tail[-1] = self.work(max(self.needs[id(w)] for w in layers.weights)).data_ptr()
+        tail[-1] = work.data_ptr()
         out, tmp = torch.empty_like(x), torch.empty_like(x)
         self.stack_fn(layers.array, layers.ids, layers.n, x.data_ptr(), out.data_ptr(), tmp.data_ptr(), self.rows,
                       *self.head, self.pool, self.layer_bytes, *tail)

@@ -313,3 +313,34 @@ def test_build_failure_falls_back(monkeypatch, tmp_path, caplog) -> None:
     finally:
         monkeypatch.undo()
         native._library.cache_clear()
+
+
+def test_a_build_without_openmp_gives_the_same_tokens(monkeypatch, tmp_path) -> None:
+    """Where torch bundles no OpenMP runtime the kernels are built single-threaded; their
+    team-shared loops (kernels/kernels.h) then run serially, with the same results."""
+    from ember.config import preset
+    from tests.engine.conftest import spread_model
+
+    model = spread_model(preset("tiny", vocab_size=256))
+    prompts = [[5, 9, 40, 7], [100, 3], list(range(20, 50))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+
+    def run() -> list:
+        outs = LLM(model, max_num_seqs=3).generate(prompts, params)
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
+                for o in outs]
+
+    with torch_threads(2):
+        expected = run()
+        monkeypatch.setattr(native, "_torch_openmp", lambda: [])
+        monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+        native._library.cache_clear()
+        native._kv_kinds.cache_clear()
+        try:
+            assert native.available() and native.threads() == 1
+            assert run() == expected
+        finally:
+            monkeypatch.undo()
+            native._library.cache_clear()
+            native._kv_kinds.cache_clear()
+    assert native.available()

@@ -240,7 +240,6 @@ void ember_paged_decode_team(const float *q, const void *k, const void *v, const
                              const int64_t *lens, int64_t B, int64_t W, int64_t H, int64_t Hkv,
                              int64_t D, int64_t bs, float scale, int64_t window, float *scratch_all,
                              int64_t kind, float *out) {
-    const int64_t S = W * bs;
 #ifdef _OPENMP
     const int64_t team = omp_get_num_threads();
 #else
@@ -256,7 +255,7 @@ void ember_paged_decode_team(const float *q, const void *k, const void *v, const
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; u++) {
 #ifdef _OPENMP
-        float *scratch = scratch_all + (int64_t)omp_get_thread_num() * H * S;
+        float *scratch = scratch_all + (int64_t)omp_get_thread_num() * H * W * bs;
 #else
         float *scratch = scratch_all;
 #endif
