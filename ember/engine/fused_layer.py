@@ -4,9 +4,9 @@ for the whole stack.
 A decode step's layer is a dozen small kernels (norm, fused q|k|v, RoPE, KV write, paged
 attention, o_proj, norm, fused gate|up, SwiGLU, down, two residual adds). Run module by module
 from Python, the calls between them cost ~0.18 ms a layer, ~20 % of a batch-1 bench-50m token.
-`DecodeBlock` (the engine swaps it in for every Block, ember/engine/weight_layout.py) runs the
-whole layer through kernels/decode_layer.c instead, and `DecodeStack` (the ModelRunner's) runs
-all the layers of a step in one call when every block can, when
+`DecodeBlock` (swapped in for every Block by `DecodeStack`, the ModelRunner's) runs the whole
+layer through kernels/decode_layer.c instead, and `DecodeStack` runs all the layers of a step
+and the final norm in one call when every block can, when
 
   * the step is decodes only, through the native paged kernel (AttnMetadata.native.in_order),
     at most native.MAX_LINEAR_ROWS rows, fp32, no autograd;
@@ -15,8 +15,9 @@ all the layers of a step in one call when every block can, when
     (no ALiBi), no hooks, and every weight is still the tensor the plan recorded.
 
 Anything else (prefill chunks, MoE, LoRA or quantized projections, hooks, a replaced weight)
-runs the modules as before; a hook on a block makes the stack give way to per-block calls. The kernels are the same ones in the same order, so both ways give
-bit-identical results (tests/engine/test_fused_layer.py).
+runs the modules as before; a hook on a block makes the stack give way to per-block calls. The
+kernels are the same ones in the same order, so every way gives bit-identical results
+(tests/engine/test_fused_layer.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch.nn as nn
 
 from ember.engine import native
 from ember.engine.attn_metadata import AttnMetadata
+from ember.engine.weight_layout import DecodeAttention, DecodeLinear, DecodeMLP, DecodeRMSNorm
 from ember.model.fused import FusedLinears
-from ember.model.rope import rope_cos_sin
+from ember.model.rope import rope_cos_sin, rope_inv_freq
 from ember.model.transformer import Block, CosSin, Transformer
 
 
@@ -48,8 +50,6 @@ class LayerPlan:
     @classmethod
     def build(cls, block: Block) -> "LayerPlan | None":
         """A plan for `block`, or None if it is not a layer the native call computes."""
-        from ember.engine.weight_layout import DecodeAttention, DecodeLinear, DecodeMLP, DecodeRMSNorm
-
         attn, mlp = block.self_attn, block._modules.get("mlp")
         n1, n2 = block.input_layernorm, block.post_attention_layernorm
         if not (type(n1) is DecodeRMSNorm and type(n2) is DecodeRMSNorm and type(attn) is DecodeAttention
@@ -168,9 +168,16 @@ class DecodeStack:
     """
 
     def __init__(self, model: Transformer) -> None:
+        """For `model` as relayout_for_decode left it: with the native kernels, its exact Blocks
+        become DecodeBlocks (in place; only forward changes)."""
         self.model = model
+        if native.available() and next(model.parameters()).device.type == "cpu":
+            for module in model.modules():
+                if type(module) is Block:
+                    module.__class__ = DecodeBlock
         self.plans: list[LayerPlan] = []
         self.layers: native.LayerStack | None = None
+        self.inv_freq: torch.Tensor | None = None  # RoPE's frequencies, computed once (rope_cos_sin)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor | None:
         """Final-norm hidden states (1, N, D), or None where the stack cannot run as one call."""
@@ -187,19 +194,28 @@ class DecodeStack:
             if plan is None:
                 return None
             plans.append(plan)
+        if not plans:
+            return None
         x = model.model.embed_tokens(input_ids)
-        cos_sin = rope_cos_sin(model.config, positions, x.dtype)
+        if self.inv_freq is None or self.inv_freq.device != positions.device:
+            self.inv_freq = rope_inv_freq(model.config, None, positions.device)
+        cos_sin = rope_cos_sin(model.config, positions, x.dtype, self.inv_freq)
         call = _step_call(x, cos_sin, meta, model.model.layers[0].self_attn.spec.num_heads)
+        norm = model.model.norm
         if call is None:  # e.g. an embedding of another dtype: the blocks one by one, as Transformer.hidden
             for block in model.model.layers:
                 x, _ = block(x, cos_sin, meta)
-            return model.model.norm(x)
+            return norm(x)
         # The same plan objects (not just equal ids: a freed plan's id can be reused) -> the same arrays.
         if self.layers is None or len(plans) != len(self.plans) or any(a is not b for a, b in zip(plans, self.plans)):
             self.plans = plans
             self.layers = native.LayerStack([p.weights for p in plans],
                                             [b.self_attn.spec.layer_idx for b in model.model.layers])
-        return model.model.norm(call.stack(self.layers, x))
+        weight = norm._parameters.get("weight")
+        if type(norm) is DecodeRMSNorm and not _hooked(norm) and weight is not None \
+                and weight.dtype == torch.float32 and weight.is_contiguous():
+            return call.stack(self.layers, x, weight, norm.eps)  # the final norm in the same call
+        return norm(call.stack(self.layers, x))
 
 
 def _global_hooks() -> bool:

@@ -55,25 +55,32 @@ class ModelRunner:
         self.stack = DecodeStack(model)
         # Masked keys still enter SDPA's weighted sum (weight 0): never-written memory could hold
         # NaN, so a block is zeroed the first time it is written.
-        self.initialized = torch.zeros(num_blocks, dtype=torch.bool, device=p.device)
+        self.initialized = bytearray(num_blocks)  # host-side: decode steps then run no device op for it
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> ModelOutput:
         for src, dst in out.block_copies:  # copy-on-write of blocks shared by a fork
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-            self.initialized[dst] = True
+            self.initialized[dst] = 1
         ids: list[int] = []
         pos: list[int] = []
         seqs: list[tuple[list[int], int, int]] = []
         result = ModelOutput()
         sample_rows: list[int] = []
         prompt_spans: list[tuple[Request, int, int, list[int]]] = []
+        fresh: list[int] = []
+        bs, initialized = self.block_size, self.initialized
         row = 0
         for req, n in zip(out.requests, out.num_tokens):
             c = req.num_computed_tokens
             ids.extend(req.token_ids[c:c + n])
             pos.extend(range(c, c + n))
-            seqs.append((kv.block_table(req.request_id), c, n))
+            table = kv.block_table(req.request_id)
+            seqs.append((table, c, n))
+            for b in table[c // bs:(c + n - 1) // bs + 1]:
+                if not initialized[b]:
+                    initialized[b] = 1
+                    fresh.append(b)
             if req.prompt_logprobs is not None:
                 # Position p predicts token p + 1; prompt_logprobs already covers tokens < len().
                 lo, hi = max(c, len(req.prompt_logprobs) - 1), min(c + n, req.num_prompt_tokens - 1)
@@ -86,11 +93,8 @@ class ModelRunner:
         input_ids = torch.tensor([ids], device=self.device)
         positions = torch.tensor([pos], device=self.device)
         meta = AttnMetadata.build(self.kv_cache, self.block_size, seqs, self.workspace)
-        written = meta.slot_block.unique()
-        fresh = written[~self.initialized[written]]
-        if fresh.numel():
-            self.kv_cache[:, :, fresh] = 0
-            self.initialized[fresh] = True
+        if fresh:
+            self.kv_cache[:, :, torch.tensor(fresh, device=self.device)] = 0
         h = self.stack.hidden(input_ids, positions, meta)  # decode-only steps, when it can: one native call
         if h is None:
             h, _ = self.model.hidden(input_ids, positions, meta)
@@ -98,7 +102,10 @@ class ModelRunner:
         span_rows = [r for _, lo, hi, _ in prompt_spans for r in range(lo, hi)]
         if not sample_rows and not span_rows:
             return result
-        logits = self.model.lm_head(h[torch.tensor(sample_rows + span_rows, device=self.device)]).float()
+        rows = sample_rows + span_rows
+        if rows != list(range(h.shape[0])):  # (a decode-only step samples every row, in order)
+            h = h[torch.tensor(rows, device=self.device)]
+        logits = self.model.lm_head(h).float()
         result.logits = logits[:len(sample_rows)]
         at = len(sample_rows)
         for req, lo, hi, targets in prompt_spans:

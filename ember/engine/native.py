@@ -152,7 +152,8 @@ def _library() -> ctypes.CDLL | None:
     lib.ember_decode_layer.restype = None
     lib.ember_decode_layer.argtypes = [layer, p, p, i64, p, p, p, p, p, p, p, i64, i64, i64, p, i64, p]
     lib.ember_decode_layers.restype = None
-    lib.ember_decode_layers.argtypes = [p, p, i64, p, p, p, i64, p, p, p, i64, p, p, p, i64, i64, i64, p, i64, p]
+    lib.ember_decode_layers.argtypes = [p, p, i64, p, ctypes.c_float, p, p, p, p, i64, p, p, p, i64, p, p, p, i64,
+                                        i64, i64, p, i64, p]
     return lib
 
 
@@ -380,18 +381,24 @@ class DecodeLayerCall:
                 k + self.layer_bytes // 2, *tail)
         return out
 
-    def stack(self, layers: LayerStack, x: torch.Tensor) -> torch.Tensor:
-        """The output of `layers` applied in turn to x (1, rows, D) fp32 contiguous: the same values
-        as calling each layer, in one native call."""
+    def stack(self, layers: LayerStack, x: torch.Tensor, norm: torch.Tensor | None = None,
+              eps: float = 0.0) -> torch.Tensor:
+        """The output of `layers` applied in turn to x (1, rows, D) fp32 contiguous, then rms_norm
+        with weight `norm` (D,) fp32 contiguous if given: the same values as calling each layer
+        and rms_norm, in one native call."""
         for w in layers.weights:
             if id(w) not in self.needs:
                 if (w.H, w.Hkv, w.hd) != self.shape or x.numel() != self.rows * w.D:
                     raise ValueError("DecodeLayerCall: a layer of another shape than the step was prepared for")
                 self.needs[id(w)] = decode_layer_work(w, self.rows)
+        if norm is not None and (norm.dtype != torch.float32 or not norm.is_contiguous()
+                                 or norm.numel() != x.shape[-1]):
+            raise ValueError("DecodeLayerCall: the final norm's weight must be fp32, contiguous, one per feature")
         work = self.work(max(self.needs[id(w)] for w in layers.weights))  # held until the call returns
         tail = self.tail
         tail[-1] = work.data_ptr()
-        out, tmp = torch.empty_like(x), torch.empty_like(x)
-        self.stack_fn(layers.array, layers.ids, layers.n, x.data_ptr(), out.data_ptr(), tmp.data_ptr(), self.rows,
-                      *self.head, self.pool, self.layer_bytes, *tail)
+        out, a, b = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        self.stack_fn(layers.array, layers.ids, layers.n, 0 if norm is None else norm.data_ptr(), eps, x.data_ptr(),
+                      out.data_ptr(), a.data_ptr(), b.data_ptr(), self.rows, *self.head, self.pool, self.layer_bytes,
+                      *tail)
         return out

@@ -39,8 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.engine import native
-from ember.engine.fused_layer import DecodeBlock
-from ember.model.transformer import MLP, Attention, Block, RMSNorm
+from ember.model.transformer import MLP, Attention, RMSNorm
 
 
 OUTPUT_CHUNK = 2048  # rows of a very wide weight (an LM head) multiplied at a time
@@ -93,8 +92,9 @@ class DecodeRMSNorm(RMSNorm):
 
 
 # Exact model classes the native kernels take over (their forward, nothing else, changes).
+# (Blocks become ember/engine/fused_layer.py's DecodeBlocks, which build on these.)
 NATIVE_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
-    RMSNorm: DecodeRMSNorm, Attention: DecodeAttention, MLP: DecodeMLP, Block: DecodeBlock}
+    RMSNorm: DecodeRMSNorm, Attention: DecodeAttention, MLP: DecodeMLP}
 
 
 def wants_column_major(weight: torch.Tensor) -> bool:

@@ -44,15 +44,18 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None,
     return inv_freq
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype,
+                 inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin of shape positions.shape + (1, d_head), ready to broadcast over heads.
 
     The sin's first half is negated, so that `apply_rope` rotates with one roll instead of
     rotate_half's slices, negation and concatenation (5x fewer memory passes for a prefill).
+    inv_freq: rope_inv_freq(cfg, None, positions.device) computed once by a caller that reuses
+    it (the serving engine); not for dynamic scaling, whose frequencies depend on the positions.
     """
-    seq_len = int(positions.max().item()) + 1 if cfg.rope_scaling.rope_type == "dynamic" else None
-    inv_freq = rope_inv_freq(cfg, seq_len, positions.device)
+    if inv_freq is None or cfg.rope_scaling.rope_type == "dynamic":
+        seq_len = int(positions.max().item()) + 1 if cfg.rope_scaling.rope_type == "dynamic" else None
+        inv_freq = rope_inv_freq(cfg, seq_len, positions.device)
     freqs = positions.float().unsqueeze(-1) * inv_freq  # (..., d_head/2)
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # (..., 1, d_head)
     sin = emb.sin()

@@ -58,10 +58,10 @@ class _Count:
             self.calls += 1
             return one(*a, **k)
 
-        def counted_stack(call, layers, x):
+        def counted_stack(call, layers, *a, **k):
             self.calls += layers.n
             self.stacks += 1
-            return stack(call, layers, x)
+            return stack(call, layers, *a, **k)
 
         monkeypatch.setattr(native.DecodeLayerCall, "__call__", counted_one)
         monkeypatch.setattr(native.DecodeLayerCall, "stack", counted_stack)

@@ -72,22 +72,26 @@ void ember_decode_layer(const struct ember_layer *L, const float *x, float *out,
     }
 }
 
-/* Layers layers[0 .. n-1] in turn (a model's stack for one decode step): x -> out, through `tmp`
- * (M * D floats) between layers; layer i uses the pool's layer layer_ids[i], whose keys start
- * at pool + layer_ids[i] * layer_bytes and values half a layer later. The same values as
- * calling ember_decode_layer for each: one call instead of n from Python. */
+/* Layers layers[0 .. n-1] in turn (a model's stack for one decode step), then the final RMSNorm
+ * (norm, eps; none if norm is NULL): x -> out, through a and b (M * D floats each) between
+ * layers. Layer i uses the pool's layer layer_ids[i], whose keys start at pool + layer_ids[i] *
+ * layer_bytes and values half a layer later. The same values as calling ember_decode_layer
+ * for each and ember_rms_norm after: one call instead of n + 1 from Python. */
 void ember_decode_layers(const struct ember_layer *const *layers, const int64_t *layer_ids, int64_t n,
-                         const float *x, float *out, float *tmp, int64_t M, const float *cos, const float *sin,
-                         char *pool, int64_t layer_bytes, const int64_t *slot_rows, const int64_t *tables,
-                         const int64_t *lens, int64_t W, int64_t bs, int64_t kind, float *scratch,
-                         int64_t threads, float *work) {
+                         const float *norm, float eps, const float *x, float *out, float *a, float *b, int64_t M,
+                         const float *cos, const float *sin, char *pool, int64_t layer_bytes,
+                         const int64_t *slot_rows, const int64_t *tables, const int64_t *lens, int64_t W,
+                         int64_t bs, int64_t kind, float *scratch, int64_t threads, float *work) {
     const float *src = x;
     for (int64_t i = 0; i < n; i++) {
-        /* the last layer writes `out`; before it they alternate so that no layer reads its output */
-        float *dst = (n - 1 - i) % 2 == 0 ? out : tmp;
+        float *dst = i == n - 1 && norm == 0 ? out : (i % 2 == 0 ? a : b);
         char *k = pool + layer_ids[i] * layer_bytes;
         ember_decode_layer(layers[i], src, dst, M, cos, sin, k, k + layer_bytes / 2, slot_rows, tables, lens, W,
                            bs, kind, scratch, threads, work);
         src = dst;
+    }
+    if (norm != 0) {
+#pragma omp parallel num_threads(threads) if (M * layers[0]->D >= (1 << 17))
+        ember_rms_norm_team(src, norm, out, M, layers[0]->D, eps);
     }
 }
