@@ -1,5 +1,6 @@
 /* One whole decoder layer of a decode-only step, in one call: ember/engine/native.py builds and
- * loads this file; ember/engine/fused_layer.py's DecodeBlock calls it once per layer.
+ * loads this file; ember/engine/fused_layer.py's DecodeBlock calls it once per layer, and its
+ * DecodeStack calls ember_decode_layers (below) once per step for all the layers.
  *
  * Why: at batch 1 the layer's arithmetic is a few hundred microseconds of weight streaming,
  * and calling its twelve kernels from Python, each through the module tree, a ctypes call and
