@@ -23,6 +23,8 @@ CONFIGS = {
     "gqa": dict(),
     "qkv-bias-mqa": dict(attention_bias=True, num_kv_heads=1),
     "sliding-window": dict(sliding_window=12),
+    # widths that are not multiples of the kernels' 8-float vectors; 3 query heads per KV head
+    "odd-shapes": dict(hidden_size=60, num_heads=3, num_kv_heads=1, intermediate_size=100),
 }
 
 
