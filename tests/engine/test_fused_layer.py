@@ -1,8 +1,8 @@
-"""The one-call native decoder layer (ember/engine/fused_layer.py, kernels/decode_layer.c).
+"""The one-call native decoder layers and stack (ember/engine/fused_layer.py, kernels/decode_layer.c).
 
-It runs the same kernels in the same order as the module-by-module path, so the engine's
-outputs must be bit-identical with it and without it; it must be used for decode steps of a
-plain dense layer, and give way whenever the layer is no longer what its plan recorded.
+They run the same kernels in the same order as the module-by-module path, so the engine's
+outputs must be bit-identical with them and without them; they must be used for decode steps of
+plain dense layers, and give way whenever a layer is no longer what its plan recorded.
 """
 
 from __future__ import annotations
