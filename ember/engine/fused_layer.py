@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as nn_module
 
 from ember.engine import native
 from ember.engine.attn_metadata import AttnMetadata
@@ -31,6 +32,16 @@ from ember.engine.weight_layout import DecodeAttention, DecodeLinear, DecodeMLP,
 from ember.model.fused import FusedLinears
 from ember.model.rope import rope_cos_sin, rope_inv_freq
 from ember.model.transformer import Block, CosSin, Transformer
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module are set (the stack would skip them for its blocks)."""
+    return bool(getattr(nn_module, "_global_forward_hooks", None)
+                or getattr(nn_module, "_global_forward_pre_hooks", None))
 
 
 class LayerPlan:
@@ -94,9 +105,8 @@ class LayerPlan:
         for parent, name, child in self.children:
             if parent._modules.get(name) is not child:
                 return False
-        for m in self.modules:
-            if m._forward_hooks or m._forward_pre_hooks:
-                return False
+        if any(_hooked(m) for m in self.modules):
+            return False
         for m, name, ptr in self.params:
             p = m._parameters.get(name)
             if p is None or p.data_ptr() != ptr:
@@ -150,10 +160,6 @@ def _step_call(x: torch.Tensor, cos_sin: CosSin, meta: AttnMetadata, num_heads: 
             rows, cos, sin, meta.kv_cache, meta.slot_rows, nat.tables, nat.lens, num_heads,
             nat.scratch(num_heads, meta.block_size), lambda n: nat.buffer("layer", n))
     return call
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class DecodeStack:
@@ -216,10 +222,3 @@ class DecodeStack:
                 and weight.dtype == torch.float32 and weight.is_contiguous():
             return call.stack(self.layers, x, weight, norm.eps)  # the final norm in the same call
         return norm(call.stack(self.layers, x))
-
-
-def _global_hooks() -> bool:
-    """Whether module hooks registered for every module are set (the stack would skip them for its blocks)."""
-    from torch.nn.modules import module as m
-
-    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None))

@@ -233,9 +233,9 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int | N
              check_weight: bool = True) -> bool:
     """Whether a kernel can take x and weight: 1..max_rows rows (any if None), fp32 on CPU, a
     contiguous weight (unless check_weight is False), no autograd, and the kernels built."""
-    return (0 < rows and (max_rows is None or rows <= max_rows) and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.device.type == "cpu" and (weight.is_contiguous() or not check_weight)
-            and not torch.is_grad_enabled() and available())
+    return (0 < rows and (max_rows is None or rows <= max_rows) and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.device.type == "cpu" and weight.device.type == "cpu"
+            and (weight.is_contiguous() or not check_weight) and not torch.is_grad_enabled() and available())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -365,14 +365,18 @@ class DecodeLayerCall:
         self.fn = _library().ember_decode_layer
         self.stack_fn = _library().ember_decode_layers
 
-    def __call__(self, weights: LayerWeights, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Layer `layer`'s output for x (1, rows, D) fp32 contiguous."""
+    def _need(self, weights: LayerWeights, x: torch.Tensor) -> int:
+        """Work values the layer needs, its shapes checked against the step's on first sight."""
         need = self.needs.get(id(weights))
         if need is None:
             if (weights.H, weights.Hkv, weights.hd) != self.shape or x.numel() != self.rows * weights.D:
                 raise ValueError("DecodeLayerCall: a layer of another shape than the step was prepared for")
             need = self.needs[id(weights)] = decode_layer_work(weights, self.rows)
-        work = self.work(need)  # held until the call returns
+        return need
+
+    def __call__(self, weights: LayerWeights, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer `layer`'s output for x (1, rows, D) fp32 contiguous."""
+        work = self.work(self._need(weights, x))  # held until the call returns
         tail = self.tail
         tail[-1] = work.data_ptr()
         out = torch.empty_like(x)
@@ -386,15 +390,11 @@ class DecodeLayerCall:
         """The output of `layers` applied in turn to x (1, rows, D) fp32 contiguous, then rms_norm
         with weight `norm` (D,) fp32 contiguous if given: the same values as calling each layer
         and rms_norm, in one native call."""
-        for w in layers.weights:
-            if id(w) not in self.needs:
-                if (w.H, w.Hkv, w.hd) != self.shape or x.numel() != self.rows * w.D:
-                    raise ValueError("DecodeLayerCall: a layer of another shape than the step was prepared for")
-                self.needs[id(w)] = decode_layer_work(w, self.rows)
+        need = max(self._need(w, x) for w in layers.weights)
         if norm is not None and (norm.dtype != torch.float32 or not norm.is_contiguous()
                                  or norm.numel() != x.shape[-1]):
             raise ValueError("DecodeLayerCall: the final norm's weight must be fp32, contiguous, one per feature")
-        work = self.work(max(self.needs[id(w)] for w in layers.weights))  # held until the call returns
+        work = self.work(need)  # held until the call returns
         tail = self.tail
         tail[-1] = work.data_ptr()
         out, a, b = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)

@@ -53,9 +53,10 @@ def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype,
     inv_freq: rope_inv_freq(cfg, None, positions.device) computed once by a caller that reuses
     it (the serving engine); not for dynamic scaling, whose frequencies depend on the positions.
     """
-    if inv_freq is None or cfg.rope_scaling.rope_type == "dynamic":
-        seq_len = int(positions.max().item()) + 1 if cfg.rope_scaling.rope_type == "dynamic" else None
-        inv_freq = rope_inv_freq(cfg, seq_len, positions.device)
+    if cfg.rope_scaling.rope_type == "dynamic":
+        inv_freq = rope_inv_freq(cfg, int(positions.max().item()) + 1, positions.device)
+    elif inv_freq is None:
+        inv_freq = rope_inv_freq(cfg, None, positions.device)
     freqs = positions.float().unsqueeze(-1) * inv_freq  # (..., d_head/2)
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # (..., 1, d_head)
     sin = emb.sin()
