@@ -14,8 +14,10 @@ and a step's batch is flattened to N tokens, so the model sees q (1, N, H, D), k
          length masked; sequences go in groups of similar length small enough for the
          workspace to stay in cache; GQA without copies by viewing the rep query heads of a
          KV head as its queries
-      3. prefill chunks attend one sequence at a time: a fresh prompt uses its own k/v (causal
-         SDPA), a chunk after cached tokens gathers its blocks and uses a positional mask
+      3. prefill chunks attend one sequence at a time: a fresh prompt uses its own k/v, a chunk
+         after cached tokens gathers its blocks; on CPU in fp32 (no ALiBi) the native causal
+         kernel (ember/engine/kernels/prefill_attention.c) attends, otherwise SDPA, causal or
+         with a positional mask
 
 The pool's dtype is the engine's kv_cache_dtype: the model's own, or a 16-bit one that halves
 the cache's memory and the bytes decode attention reads. Attention always computes in the
@@ -52,16 +54,17 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
 
 
 class Workspace:
-    """A reusable buffer for gathered K/V, grown on demand (see the module docstring)."""
+    """Reusable buffers (gathered K/V; the prefill kernel's scratch), each grown on demand (see
+    the module docstring)."""
 
     def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
+        self.bufs: dict[str, torch.Tensor] = {}
 
-    def get(self, numel: int, like: torch.Tensor) -> torch.Tensor:
-        if self.buf is None or self.buf.numel() < numel or self.buf.dtype != like.dtype \
-                or self.buf.device != like.device:
-            self.buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return self.buf[:numel]
+    def get(self, numel: int, like: torch.Tensor, name: str = "kv") -> torch.Tensor:
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.bufs[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
 
 
 @dataclass
@@ -223,8 +226,8 @@ class AttnMetadata:
             for d in self.decodes:
                 out[d.rows] = self._decode(q[0, d.rows], kc, vc, spec, d)
         for p in self.prefills:
-            out[p.start:p.end] = self._prefill(q[:, p.start:p.end], k[:, p.start:p.end],
-                                               v[:, p.start:p.end], p, kc, vc, spec)[0]
+            self._prefill(q[:, p.start:p.end], k[:, p.start:p.end], v[:, p.start:p.end], p, kc, vc, spec,
+                          out[p.start:p.end])
         return out.unsqueeze(0)
 
     # ---- decode: one batched SDPA ---------------------------------------------------------------
@@ -280,15 +283,14 @@ class AttnMetadata:
 
     # ---- prefill: per sequence -------------------------------------------------------------------
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillSeq,
-                 kc: torch.Tensor, vc: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
+                 kc: torch.Tensor, vc: torch.Tensor, spec: AttnSpec, out: torch.Tensor) -> None:
+        """out (T, H, D) = the chunk's attention: q, k, v (1, T, heads, D)."""
         T = p.end - p.start
         if p.gather_rows is None:  # the chunk holds every key it needs
             if kc.dtype != k.dtype:
                 # Attend over the keys and values as the pool holds them, as every later read will:
                 # a prompt then gives the same results whether its prefix was cached or computed.
                 k, v = k.to(kc.dtype).to(k.dtype), v.to(vc.dtype).to(v.dtype)
-            if spec.sliding_window is None and not spec.alibi:
-                return sdpa(q, k, v, spec, None, is_causal=True)
             keys, values, k_len = k, v, T
         else:
             k_len = p.pos0 + T
@@ -297,9 +299,17 @@ class AttnMetadata:
             keys, values = self._gather([kc, vc], p.gather_rows, shape)
             keys, values = keys[:, :, :k_len].transpose(1, 2), values[:, :, :k_len].transpose(1, 2)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if not spec.alibi:
+            y = native.prefill_attention(q[0], keys[0], values[0], p.pos0, spec.scale, spec.sliding_window,
+                                         lambda n: self.workspace.get(n, q, "prefill"), out)
+            if y is not None:
+                return
+        if p.gather_rows is None and spec.sliding_window is None and not spec.alibi:
+            out.copy_(sdpa(q, keys, values, spec, None, is_causal=True)[0])
+            return
         q_pos = torch.arange(p.pos0, p.pos0 + T, device=q.device)[None]
         k_pos = torch.arange(k_len, device=q.device)[None]
-        return sdpa(q, keys, values, spec, position_bias(spec, q_pos, k_pos, q.dtype), is_causal=False)
+        out.copy_(sdpa(q, keys, values, spec, position_bias(spec, q_pos, k_pos, q.dtype), is_causal=False)[0])
 
     def _gather(self, pools: list[torch.Tensor], rows: torch.Tensor,
                 shape: tuple[int, int, int, int]) -> list[torch.Tensor]:

@@ -1,5 +1,5 @@
-"""The engine's native CPU kernels (paged decode attention and KV writes, few-row linear, RMSNorm,
-RoPE, SwiGLU activation, greedy argmax), built on first use.
+"""The engine's native CPU kernels (paged decode attention and KV writes, causal prefill attention,
+few-row linear, RMSNorm, RoPE, SwiGLU activation, greedy argmax), built on first use.
 
 The C sources in ember/engine/kernels/ are compiled with the system C compiler ($CC, else cc)
 into one shared library, cached under $EMBER_CACHE_DIR (default ~/.cache/ember)/kernels and
@@ -34,8 +34,8 @@ from ember.model.rope import rotate
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [KERNELS / name for name in ("paged_attention.c", "linear.c", "rmsnorm.c", "rope.c", "argmax.c", "swiglu.c",
-                                        "decode_layer.c")]
+SOURCES = [KERNELS / name for name in ("paged_attention.c", "prefill_attention.c", "linear.c", "rmsnorm.c", "rope.c",
+                                        "argmax.c", "swiglu.c", "decode_layer.c")]
 HEADERS = [KERNELS / "vexp.h", KERNELS / "kernels.h"]  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products' reductions. Not -ffast-math: a
 # library linked with it sets flush-to-zero for the whole process when loaded (tests check).
@@ -136,6 +136,10 @@ def _library() -> ctypes.CDLL | None:
     lib.ember_max_threads.restype = ctypes.c_int
     lib.ember_kv_write.restype = None
     lib.ember_kv_write.argtypes = [p] * 3 + [i64] * 6
+    lib.ember_prefill_attention_scratch.restype = i64
+    lib.ember_prefill_attention_scratch.argtypes = [i64] * 4
+    lib.ember_prefill_attention.restype = None
+    lib.ember_prefill_attention.argtypes = [p, i64, i64] * 3 + [i64] * 7 + [ctypes.c_float, p, i64, p]
     lib.ember_linear.restype = None
     lib.ember_linear.argtypes = [p] * 4 + [i64] * 3 + [p]
     lib.ember_rms_norm.restype = None
@@ -227,6 +231,33 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
         B, W, H, num_kv_heads, D, bs, scale, window or 0, scratch.data_ptr(), need // (H * W * bs),
         KV_KINDS[k_pool.dtype], out.data_ptr())
     return out.to(dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float,
+                      window: int | None, buffer: Callable[[int], torch.Tensor],
+                      out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Causal attention of q (T, H, D) at positions pos0.. over k, v (S, Hkv, D) at positions
+    0..S-1 (key j visible from query i iff j <= pos0 + i, and pos0 + i - j < window if one is
+    given), through kernels/prefill_attention.c; returns a contiguous (T, H, D) (`out` if given,
+    fp32 contiguous), or None where the kernel does not apply (fp32 on CPU, D a multiple of 8,
+    last dimensions contiguous, no autograd), for the caller's SDPA.
+
+    buffer(n): an fp32 scratch tensor of at least n values, reused between calls.
+    """
+    T, H, D = q.shape
+    S, hkv = k.shape[0], k.shape[1]
+    if not (T > 0 and S >= pos0 + T and D % 8 == 0 and H % hkv == 0 and k.shape == v.shape == (S, hkv, D)
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in (q, k, v))
+            and (out is None or (out.shape == q.shape and out.dtype == torch.float32 and out.is_contiguous()))
+            and not torch.is_grad_enabled() and available()):
+        return None
+    lib, n = _library(), threads()
+    scratch = buffer(int(lib.ember_prefill_attention_scratch(S, hkv, D, n)))
+    out = torch.empty(T, H, D, dtype=torch.float32) if out is None else out
+    lib.ember_prefill_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+                                v.data_ptr(), v.stride(0), v.stride(1), T, S, H, hkv, D, pos0, window or 0, scale,
+                                scratch.data_ptr(), n, out.data_ptr())
+    return out
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int | None = None,

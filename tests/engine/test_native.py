@@ -14,7 +14,7 @@ from ember.adapters.lora import LoRAConfig, apply_lora
 from ember.engine import LLM, SamplingParams, native
 from ember.engine.attn_metadata import AttnMetadata, Workspace
 from ember.engine.weight_layout import DecodeLinear, relayout_for_decode
-from ember.model.attention import AttnSpec
+from ember.model.attention import AttnSpec, position_bias, sdpa
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: native kernels unavailable")
 
@@ -154,6 +154,72 @@ def test_linear_falls_back_where_the_kernel_does_not_apply() -> None:
         torch.testing.assert_close(native.linear(many, w.detach()), F.linear(many, w.detach()))  # BLAS
         wt = w.detach().t().contiguous().t()  # column-major: BLAS
         torch.testing.assert_close(native.linear(x, wt), F.linear(x, wt))
+
+
+def _prefill_case(T: int, S: int, heads: int, hkv: int, d: int, seed: int = 0):
+    """q (T, H, D) and k, v (S, Hkv, D) as the engine passes them: strided views into one fused
+    projection per token (queries) and per key (keys, values)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(S, heads + 2 * hkv, d, generator=g) * 2  # peaked softmaxes, large scores
+    return qkv[S - T:, :heads], qkv[:, heads:heads + hkv], qkv[:, heads + hkv:]
+
+
+def _prefill_reference(q, k, v, pos0: int, window: int | None) -> torch.Tensor:
+    T, heads, d = q.shape
+    spec = AttnSpec(layer_idx=0, num_heads=heads, num_kv_heads=k.shape[1], head_dim=d, scale=d ** -0.5,
+                    sliding_window=window, alibi=False)
+    bias = position_bias(spec, torch.arange(pos0, pos0 + T)[None], torch.arange(k.shape[0])[None], q.dtype)
+    return sdpa(q[None], k[None], v[None], spec, bias, is_causal=False)[0]
+
+
+@needs_native
+@pytest.mark.parametrize("T,S,heads,hkv,d,window", [
+    (1, 1, 1, 1, 8, None),  # one token
+    (47, 47, 8, 8, 64, None), (48, 48, 8, 8, 64, None), (49, 49, 8, 8, 64, None),  # around a query block
+    (300, 300, 8, 8, 64, None),  # keys past blocks of 64 and an eight's tail
+    (77, 200, 6, 2, 24, None),  # after 123 cached tokens, 3 query heads per KV head, D off 16
+    (100, 1124, 4, 1, 64, None),  # a short chunk after a long cached prefix, one KV head
+    (513, 513, 8, 8, 64, 100), (130, 260, 4, 4, 128, 37), (17, 40, 3, 1, 16, 5),  # sliding windows
+])
+def test_prefill_attention_matches_sdpa(T: int, S: int, heads: int, hkv: int, d: int, window: int | None) -> None:
+    """kernels/prefill_attention.c against SDPA with the positional mask, in fp64 (fp32 SDPA is
+    as far from it as the kernel: up to ~1e-5 on these cases): block and tile tails, GQA,
+    chunks after cached keys, sliding windows narrower and wider than a block."""
+    q, k, v = _prefill_case(T, S, heads, hkv, d, seed=T + S)
+    pos0 = S - T
+    with torch.no_grad():
+        got = native.prefill_attention(q, k, v, pos0, d ** -0.5, window, lambda n: torch.empty(n))
+        expected = _prefill_reference(q.double(), k.double(), v.double(), pos0, window)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=3e-5)
+        out = torch.full((T, heads, d), float("nan"))
+        assert native.prefill_attention(q, k, v, pos0, d ** -0.5, window, lambda n: torch.empty(n), out) is out
+        assert torch.equal(out, got)
+
+
+@needs_native
+def test_prefill_attention_gives_the_same_bits_on_any_thread_count() -> None:
+    q, k, v = _prefill_case(400, 400, 8, 2, 64)
+    with torch.no_grad():
+        results = []
+        for n in (1, 2, 3):
+            with torch_threads(n):
+                results.append(native.prefill_attention(q, k, v, 0, 0.125, None, lambda m: torch.empty(m)))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_prefill_attention_declines_what_it_does_not_compute() -> None:
+    """None (the caller's SDPA then attends) for head sizes off 8, other dtypes, autograd, a
+    wrong `out`, or without the kernels."""
+    q, k, v = _prefill_case(20, 20, 4, 2, 16)
+    scratch = lambda n: torch.empty(n)  # noqa: E731
+    with torch.no_grad():
+        assert native.prefill_attention(q, k, v, 0, 0.25, None, scratch) is not None or not native.available()
+        q12, k12, v12 = _prefill_case(20, 20, 4, 2, 12)
+        assert native.prefill_attention(q12, k12, v12, 0, 0.25, None, scratch) is None
+        assert native.prefill_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0, 0.25, None, scratch) is None
+        assert native.prefill_attention(q, k, v, 0, 0.25, None, scratch, out=torch.empty(20, 4, 8)) is None
+        assert native.prefill_attention(q, k[:10], v[:10], 0, 0.25, None, scratch) is None  # keys too few
+    assert native.prefill_attention(q.requires_grad_(), k, v, 0, 0.25, None, scratch) is None
 
 
 def _pool_case(seed: int, hkv: int, heads: int, window: int | None, dtype: torch.dtype = torch.float32,
