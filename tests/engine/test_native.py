@@ -176,7 +176,7 @@ def _prefill_reference(q, k, v, pos0: int, window: int | None) -> torch.Tensor:
 @pytest.mark.parametrize("T,S,heads,hkv,d,window", [
     (1, 1, 1, 1, 8, None),  # one token
     (47, 47, 8, 8, 64, None), (48, 48, 8, 8, 64, None), (49, 49, 8, 8, 64, None),  # around a query block
-    (300, 300, 8, 8, 64, None),  # keys past blocks of 64 and an eight's tail
+    (300, 300, 8, 8, 64, None),  # keys past a block of 256 and an eight's tail
     (77, 200, 6, 2, 24, None),  # after 123 cached tokens, 3 query heads per KV head, D off 16
     (100, 1124, 4, 1, 64, None),  # a short chunk after a long cached prefix, one KV head
     (513, 513, 8, 8, 64, 100), (130, 260, 4, 4, 128, 37), (17, 40, 3, 1, 16, 5),  # sliding windows
