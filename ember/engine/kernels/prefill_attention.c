@@ -41,10 +41,13 @@ typedef float v8 __attribute__((vector_size(32), aligned(4))); /* aligned(4): un
 
 static int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
-/* Floats of scratch: the keys transposed (Hkv, D, S rounded up to 8), then per thread a query
- * block, its output accumulator, its score tile and its running max and sum per row. */
+/* Floats of one thread's work area: a query block, its output accumulator, its score tile and
+ * its running max and sum per row (query_block lays them out). */
+static int64_t work_floats(int64_t D) { return 2 * BQ * D + BQ * BK + 2 * BQ; }
+
+/* Floats of scratch: the keys transposed (Hkv, D, S rounded up to 8), then a work area per thread. */
 int64_t ember_prefill_attention_scratch(int64_t S, int64_t Hkv, int64_t D, int64_t threads) {
-    return Hkv * D * round8(S) + threads * (2 * BQ * D + BQ * BK + 2 * BQ);
+    return Hkv * D * round8(S) + threads * work_floats(D);
 }
 
 /* C (nr, 8 mv) (+)= A (nr, K) @ B (K, 8 mv); rows of A, B, C at strides lda, ldb, ldc. nr and
@@ -171,7 +174,7 @@ void ember_prefill_attention(const float *q, int64_t qs_t, int64_t qs_h, const f
 #pragma omp parallel num_threads(threads) if (threads > 1 && T * (pos0 + T) * H * D >= (1 << 20))
     {
 #ifdef _OPENMP
-        float *work = works + (int64_t)omp_get_thread_num() * (2 * BQ * D + BQ * BK + 2 * BQ);
+        float *work = works + (int64_t)omp_get_thread_num() * work_floats(D);
 #else
         float *work = works;
 #endif
