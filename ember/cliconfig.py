@@ -64,7 +64,7 @@ def _scalar(tp: Any, value: Any, name: str) -> Any:
             return int(float(value)) if "e" in value.lower() else int(value)
         if tp in (int, float, str, Path):
             return tp(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int("1e999") goes through inf
         raise CLIConfigError(f"{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value
 

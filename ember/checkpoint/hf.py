@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from ember.atomic import atomic_write, atomic_write_json
 from ember.checkpoint.hf_config import config_from_hf, config_to_hf
+from ember.checkpoint.registry import gguf_file, resolve_model_path
 from ember.errors import EmberError
 from ember.jsonfile import read_json_object
 from ember.model.transformer import Transformer
@@ -58,9 +59,9 @@ def model_dir(path: str | os.PathLike) -> Path:
     if not folder.exists():
         raise CheckpointError(f"model folder {folder} does not exist")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file; pass the folder that holds config.json")
+        raise CheckpointError(f"{folder} is a file; pass the folder that holds config.json, or a .gguf file")
     if not (folder / "config.json").exists():
-        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+        raise CheckpointError(f"{folder} has no config.json or .gguf file; is it a Hugging Face model folder?")
     return folder
 
 
@@ -121,10 +122,18 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", adapter: str | os.PathLike | None = None) -> Transformer:
     """Load a Hugging Face (llama/mistral/qwen2/mixtral) or ember model folder as a Transformer.
 
+    path may also be a GGUF file, a folder holding one, or a known model's name
+    (ember/checkpoint/registry.py); GGUF weights are dequantized to dtype (ember/checkpoint/gguf.py).
     adapter: a PEFT LoRA adapter folder to apply on top (ember/checkpoint/peft.py), unmerged.
     """
-    folder = model_dir(path)
     torch_dtype = resolve_dtype(dtype)
+    path = resolve_model_path(path)
+    gguf_path = gguf_file(path)
+    if gguf_path is not None:
+        from ember.checkpoint.gguf import load_gguf_model  # needs the optional gguf package
+
+        return _with_adapter(load_gguf_model(gguf_path, torch_dtype), adapter).to(device).eval()
+    folder = model_dir(path)
     hf_cfg = read_json(folder / "config.json")
     cfg = config_from_hf(hf_cfg)
     if hf_cfg.get("quantization_config"):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ember.checkpoint.registry import MODEL_HELP
 from ember.engine import LLM, SamplingParams
 
 
@@ -21,7 +22,7 @@ from ember.engine import LLM, SamplingParams
 class ChatConfig:
     """Interactive chat: one user message per stdin line, streamed replies."""
 
-    model: Path = field(metadata={"help": "model folder (config.json + safetensors + tokenizer)"})
+    model: Path = field(metadata={"help": MODEL_HELP})
     tokenizer: Path | None = field(default=None, metadata={"help": "tokenizer folder (default: the model folder)"})
     adapter: Path | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder to apply"})
     system: str | None = field(default=None, metadata={"help": "system prompt"})

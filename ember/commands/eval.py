@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ember.checkpoint.registry import MODEL_HELP
 from ember.eval.backend import Backend
 from ember.eval.datafile import sample_data
 from ember.eval.results import format_table, write_results
@@ -36,7 +37,7 @@ class EvalConfig:
 
     task: Literal["perplexity", "mmlu", "gsm8k", "truthfulqa", "mtbench"] = field(
         metadata={"help": "what to measure"})
-    model: Path | None = field(default=None, metadata={"help": "model folder to evaluate in this process"})
+    model: Path | None = field(default=None, metadata={"help": MODEL_HELP})
     base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible server to evaluate instead, e.g. http://127.0.0.1:8000"})
     served_model: str | None = field(default=None, metadata={

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from ember.checkpoint.hf import load_model
+from ember.checkpoint.registry import MODEL_HELP
 from ember.quant.gguf import export_gguf
 from ember.tokenizer import load_tokenizer
 
@@ -22,7 +23,7 @@ from ember.tokenizer import load_tokenizer
 class ExportConfig:
     """Write a model folder (HF layout, tokenizer alongside) as a single file for another runtime."""
 
-    model: Path = field(metadata={"help": "model folder"})
+    model: Path = field(metadata={"help": MODEL_HELP})
     out: Path = field(metadata={"help": "output file, e.g. model.gguf"})
     format: Literal["gguf"] = field(default="gguf", metadata={"help": "target format"})
     type: Literal["f32", "f16", "q8_0", "q4_0"] = field(default="f16", metadata={"help": "tensor type"})

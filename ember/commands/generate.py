@@ -15,6 +15,7 @@ import torch
 
 from ember.adapters.lora import merge_where_possible
 from ember.checkpoint.hf import load_model
+from ember.checkpoint.registry import MODEL_HELP
 from ember.model.generate import generate, stop_token_ids
 from ember.tokenizer import load_tokenizer
 
@@ -23,7 +24,7 @@ from ember.tokenizer import load_tokenizer
 class GenerateConfig:
     """Generate text from a prompt with a model folder (HF layout; its tokenizer alongside)."""
 
-    model: Path = field(metadata={"help": "model folder (config.json + safetensors + tokenizer)"})
+    model: Path = field(metadata={"help": MODEL_HELP})
     prompt: str = field(metadata={"help": "text to continue"})
     max_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from ember.checkpoint.hf import load_model, save_model
+from ember.checkpoint.registry import MODEL_HELP
 from ember.quant.calibration import calibration_ids
 from ember.quant.quantize import CALIBRATED, QuantConfig, quantize_model
 from ember.quant.report import QuantRow, format_table, heldout_texts, measure
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 class QuantizeConfig:
     """Quantize a model folder and print its size / perplexity / speed against the original."""
 
-    model: Path = field(metadata={"help": "model folder (HF layout, tokenizer alongside)"})
+    model: Path = field(metadata={"help": MODEL_HELP})
     out: Path = field(metadata={"help": "folder for the quantized model"})
     method: Literal["int8", "nf4", "rtn", "gptq", "awq"] = field(default="int8", metadata={"help": "scheme"})
     bits: int = field(default=4, metadata={"help": "rtn/gptq/awq: bits per weight (2, 3, 4, 8)"})

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ember.checkpoint.registry import MODEL_HELP
 from ember.rag.retrieve import MODES, Mode, SearchParams
 from ember.rag.store import parse_filters
 
@@ -67,7 +68,7 @@ class AskConfig:
 
     question: str = field(metadata={"positional": True, "help": "the question"})
     index: Path = field(metadata={"help": "index folder"})
-    model: Path = field(metadata={"help": "model folder (HF layout, tokenizer alongside)"})
+    model: Path = field(metadata={"help": MODEL_HELP})
     k: int = field(default=5, metadata={"help": "chunks to retrieve (as many as fit the context are used)"})
     mode: Mode = field(default="hybrid", metadata={"help": "dense, bm25 or hybrid"})
     where: list[str] = field(default_factory=list, metadata={"help": "filters key=value"})

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from ember.checkpoint.registry import MODEL_HELP, resolve_model_path
 from ember.engine.config import EngineConfig
 from ember.errors import EmberError
 
@@ -40,7 +41,7 @@ class ServeConfigError(EmberError):
 class ServeConfig(EngineConfig):
     """Serve a model folder over the OpenAI API (every engine setting is a flag too)."""
 
-    model: Path = field(kw_only=True, metadata={"help": "model folder (HF layout, tokenizer alongside)"})
+    model: Path = field(kw_only=True, metadata={"help": MODEL_HELP})
     tokenizer: Path | None = field(default=None, kw_only=True,
                                    metadata={"help": "tokenizer folder (default: the model folder)"})
     adapter: Path | None = field(default=None, kw_only=True, metadata={
@@ -112,8 +113,9 @@ def build(cfg: ServeConfig):
     require_serve_extra()
     from ember.serve.app import create_app
 
-    if not cfg.model.is_dir():
-        raise ServeConfigError(f"--model {cfg.model} is not a folder: give a model folder (config.json + weights)")
+    if not resolve_model_path(cfg.model).exists():
+        raise ServeConfigError(f"--model {cfg.model} does not exist: give a model folder (config.json + weights), "
+                               "a .gguf file or an installed model's name")
     if cfg.adapter is not None and not cfg.adapter.is_dir():
         raise ServeConfigError(f"--adapter {cfg.adapter} is not a folder: give a PEFT adapter folder "
                                "(adapter_config.json + adapter_model.safetensors)")

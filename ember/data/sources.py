@@ -90,17 +90,21 @@ def _read_text(path: Path) -> str | None:
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-empty line of a jsonl file; a malformed line is an error."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataSourceError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataSourceError(f"{path}:{lineno}: expected a JSON object per line")
-            yield lineno, record
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataSourceError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataSourceError(f"{path}:{lineno}: expected a JSON object per line")
+                yield lineno, record
+    except UnicodeDecodeError:
+        raise DataSourceError(f"{path}: not UTF-8 text after line {lineno}; expected a jsonl file") from None
 
 
 def jsonl_documents(path: Path, text_field: str = "text") -> Iterator[Document]:

@@ -5,7 +5,7 @@
     while engine.has_unfinished():
         for out in engine.step(): ...           # RequestOutput per request that changed
 
-One step (ARCHITECTURE.md §4):
+One step (docs/architecture.md §4):
     Scheduler.schedule()        token budget, running first, prefix-cache hits, preemption
     ModelRunner.execute()       flattened forward over the paged KV cache -> logits
     fork n > 1 groups           children share the prompt's blocks, each samples its own token

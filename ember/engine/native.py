@@ -3,7 +3,8 @@ few-row linear, RMSNorm, RoPE, SwiGLU activation, greedy argmax), built on first
 
 The C sources in ember/engine/kernels/ are compiled with the system C compiler ($CC, else cc)
 into one shared library, cached under $EMBER_CACHE_DIR (default ~/.cache/ember)/kernels and
-keyed by the sources, the flags and this CPU's feature flags, then loaded with ctypes: no build
+named by a hash of the sources, the flags, the compiler's version and this CPU's feature flags,
+then loaded with ctypes (kernel_cache.py refuses a cache another user could write): no build
 step at install time, no PyTorch headers. Where there is no compiler, or EMBER_NATIVE=0,
 `available()` is False and the engine computes the same results with PyTorch alone
 (attn_metadata.py's gather path, weight_layout.py's column-major weights).
@@ -29,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from ember.engine.kernel_cache import cache_root, check_owned, compiler_version, private_dir
 from ember.model.rope import rotate
 
 log = logging.getLogger(__name__)
@@ -80,16 +82,23 @@ def _compile(cc: str, out: str, openmp: list[str]) -> None:
                        text=True, timeout=120)
 
 
+def cache_key(cc: str, openmp: list[str]) -> str:
+    """The library's name in the cache: a hash of everything that shapes the machine code, so a
+    changed source, flag, compiler or CPU never loads a library built for another."""
+    parts = [s.read_bytes() for s in SOURCES + HEADERS] + [
+        " ".join([cc, *FLAGS, *openmp]).encode(), compiler_version(cc).encode(), _cpu_flags().encode(),
+        platform.machine().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:32]
+
+
 def _build(cc: str) -> Path:
     openmp = _torch_openmp()
-    parts = [s.read_bytes() for s in SOURCES + HEADERS] + [
-        " ".join([cc, *FLAGS, *openmp]).encode(), _cpu_flags().encode(), platform.machine().encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    root = Path(os.environ.get("EMBER_CACHE_DIR") or Path.home() / ".cache" / "ember") / "kernels"
+    key = cache_key(cc, openmp)
+    root = private_dir(cache_root() / "kernels")
     lib = root / f"ember_kernels-{key}.so"
     if lib.exists():
+        check_owned(lib)
         return lib
-    root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
     os.close(fd)
     try:

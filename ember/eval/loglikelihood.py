@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ember.errors import EmberError
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids -> (B, T, vocab) logits
 Encode = Callable[[str], list[int]]
 
@@ -35,12 +37,18 @@ class Span:
     n_score: int
 
 
+class NoPrefixTokenError(EmberError):
+    """The tokenizer has no BOS or EOS token to condition a text's first token on."""
+
+
 def prefix_token_id(tokenizer) -> int:
     """The token that conditions a document's first token: BOS, else EOS (as the harness does)."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return tid
-    raise ValueError("log-likelihoods need a tokenizer with a BOS or EOS token to predict the first token")
+    raise NoPrefixTokenError("log-likelihoods (perplexity, multiple choice) need the tokenizer to have a BOS or "
+                             "EOS token to predict a text's first token, and this one has neither; set "
+                             "bos_token or eos_token in its tokenizer_config.json")
 
 
 def encode_pair(encode: Encode, context: str, continuation: str, prefix_id: int) -> tuple[list[int], list[int]]:

@@ -63,9 +63,8 @@ def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathL
     if engine.engine.tokenizer is None:
         raise EmberError("the server needs a tokenizer: give a model folder with tokenizer files, or --tokenizer")
     grounding = Grounding(rag_index, rag_k, rag_mode, rag_max_tokens) if rag_index is not None else None
-    path = "" if isinstance(model, Transformer) else str(model)
-    name = served_model_name or path or "ember"
-    serving = Serving(engine, name, path, max_queue_len, ServerMetrics(engine.stats, name), grounding)
+    name = served_model_name or ("ember" if isinstance(model, Transformer) else str(model))
+    serving = Serving(engine, name, max_queue_len, ServerMetrics(engine.stats, name), grounding)
     return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval)
 
 
@@ -101,8 +100,10 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
         return {"version": __version__}
 
     def model_card() -> dict:
+        # root is the served name, never the folder it was loaded from: clients need not learn the
+        # server's filesystem layout
         return {"id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "ember",
-                "root": serving.model_path, "parent": None, "max_model_len": serving.max_model_len}
+                "root": serving.model_name, "parent": None, "max_model_len": serving.max_model_len}
 
     @app.get("/v1/models")
     async def models() -> dict:

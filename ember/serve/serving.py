@@ -1,6 +1,6 @@
 """What every endpoint shares: the engine, the served model's name and limits, admission control.
 
-    serving = Serving(engine, "my-model", "runs/base", max_queue_len=256, metrics=metrics)
+    serving = Serving(engine, "my-model", max_queue_len=256, metrics=metrics)
     req = serving.parse(CompletionRequest, await request.body())          # 400 naming the field
     max_tokens = serving.check_length(len(ids), req.max_tokens)             # 400 saying the lengths
     reqs = serving.start("cmpl-1", [ids], [params])                         # 429 when the queue is full
@@ -83,12 +83,11 @@ class Accumulated:
 class Serving:
     """Shared state and checks of the OpenAI endpoints; see the module docstring."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, model_path: str, max_queue_len: int,
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_queue_len: int,
                  metrics: ServerMetrics, grounding: Grounding | None = None) -> None:
         self.engine = engine
         self.grounding = grounding
         self.model_name = model_name
-        self.model_path = model_path
         self.max_queue_len = max_queue_len
         self.metrics = metrics
         self.created = int(time.time())

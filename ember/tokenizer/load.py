@@ -8,7 +8,11 @@ The folder layout is the one transformers writes and the Hub serves:
     chat_template.json        {"chat_template": ...} (older); used when nothing else has a template
 The precedence rules follow transformers, so both read a folder the same way.
 
+A GGUF file, a folder holding one GGUF and no tokenizer.json, or the name of an installed model
+(ember.checkpoint.registry) loads the tokenizer stored in the GGUF's metadata instead.
+
     tok = load_tokenizer("path/to/model")
+    tok = load_tokenizer("smollm2-135m-instruct")
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import tokenizers
 
 from ember.jsonfile import read_json_object
+from ember.tokenizer.gguf import tokenizer_from_gguf
 from ember.tokenizer.tokenizer import SPECIAL_TOKEN_NAMES, Tokenizer, TokenizerError
 
 # transformers writes int(1e30) as model_max_length when a model has no known limit.
@@ -29,10 +34,21 @@ _UNBOUNDED = int(1e29)
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer in folder `path`, or from `path` itself when it is a tokenizer.json file.
 
-    For a file, the config files beside it are read too. Raises TokenizerError naming the
-    path when something is missing or unreadable.
+    For a file, the config files beside it are read too. A GGUF file or a known model name (see
+    the module docstring) reads the GGUF's tokenizer. Raises TokenizerError naming the path when
+    something is missing or unreadable.
     """
-    p = Path(path)
+    # Imported here: ember.checkpoint's package imports torch and the model code.
+    from ember.checkpoint.registry import ModelNotFoundError, gguf_file, resolve_model_path
+
+    try:
+        p = resolve_model_path(path)
+        # tokenizer.json wins over a GGUF beside it, so Hugging Face folders load as before.
+        gguf = None if (p / "tokenizer.json").is_file() else gguf_file(p)
+    except ModelNotFoundError as e:
+        raise TokenizerError(str(e)) from None
+    if gguf is not None:
+        return tokenizer_from_gguf(gguf)
     if not p.exists():
         raise TokenizerError(
             f"no tokenizer at {p}: the path does not exist (ember reads local folders; "
@@ -42,7 +58,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not file.is_file():
         raise TokenizerError(
             f"no tokenizer.json in {folder}: train one with `ember tokenizer train` "
-            "or point --tokenizer at a Hugging Face model folder"
+            "or point --tokenizer at a Hugging Face model folder or a GGUF file"
         )
     try:
         backend = tokenizers.Tokenizer.from_file(str(file))

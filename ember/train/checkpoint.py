@@ -2,8 +2,7 @@
 
     ckpts = TrainCheckpoints(out / "checkpoints", dist, keep_last=3)
     ckpts.save(step, model, optimizer, {"step": step, "data": loader.state_dict(), ...})
-    found = ckpts.latest()                 # newest checkpoint that verifies, or None
-    state = ckpts.load(found, model, optimizer)
+    found = ckpts.restore(model, optimizer)  # (folder, trainer state) of the newest that verifies, or None
 
 One folder per checkpoint, written through torch.distributed.checkpoint (DCP) in every case,
 so a single process, DDP and FSDP2 share one format and a checkpoint saved by any world size
@@ -20,6 +19,12 @@ crash (even SIGKILL) mid-save leaves the previous ones untouched. On resume each
 verified against checkpoint.json; a corrupt or incomplete one is renamed `*.corrupt` (never
 deleted), a warning names it, and the next older one is used. Only complete checkpoints count
 towards keep_last, and old ones are pruned only after a new one is in place.
+
+load() checks the manifest again immediately before DCP reads the folder, because DCP's
+`.metadata` is a pickle that torch unpickles: a file changed since it was saved (or one the
+manifest does not list) is never handed to it. The manifest catches corruption and accidental
+edits, not an attacker who can also rewrite checkpoint.json: checkpoints are trusted input,
+like any file torch.load reads.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ FORMAT = "ember-train-checkpoint/1"
 
 class TrainCheckpointError(EmberError):
     """A training checkpoint that cannot be used (corrupt, or for a different model)."""
+
+
+class CorruptCheckpointError(TrainCheckpointError):
+    """A checkpoint whose files do not match its manifest; load() has set it aside as *.corrupt."""
 
 
 def _sha256(path: Path) -> str:
@@ -154,19 +163,39 @@ class TrainCheckpoints:
         return sorted(found)
 
     def verify(self, folder: Path) -> str | None:
-        """None if the checkpoint's files match its marker, else what is wrong."""
+        """None if the checkpoint's files are exactly those its marker lists, each matching its
+        sha256, else what is wrong."""
         try:
             marker = json.loads((folder / MARKER).read_text())
             files = marker["files"]
-        except (OSError, ValueError, KeyError, TypeError):
+            if marker.get("format") != FORMAT or not isinstance(files, dict):
+                raise ValueError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return f"{MARKER} is missing or unreadable"
         for name, digest in files.items():
+            # Names are plain file names in the folder: a marker cannot point the check elsewhere.
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..", MARKER):
+                return f"{MARKER} lists {str(name)[:100]!r}, which is not a file of the checkpoint"
             path = folder / name
-            if not path.exists():
+            if not path.is_file():
                 return f"{name} is missing"
             if _sha256(path) != digest:
                 return f"{name} does not match its checksum"
+        # A file the manifest does not list was never checked, so DCP must not find it either.
+        extra = sorted(p.name for p in folder.iterdir() if p.name != MARKER and p.name not in files)
+        if extra:
+            return f"{extra[0]} is not in {MARKER}"
         return None
+
+    def _set_aside(self, folder: Path) -> Path:
+        """Rename a corrupt checkpoint to *.corrupt (or *.corruptN), never deleting it."""
+        aside = folder.with_name(folder.name + ".corrupt")
+        n = 1
+        while aside.exists():
+            aside = folder.with_name(f"{folder.name}.corrupt{n}")
+            n += 1
+        folder.rename(aside)
+        return aside
 
     def _latest_on_main(self) -> tuple[str | None, list[str]]:
         for debris in self.root.glob(".step-*.tmp"):  # saves cut short by a kill: never complete
@@ -180,12 +209,7 @@ class TrainCheckpoints:
             if problem is None:
                 found = found or str(folder)
                 continue
-            aside = folder.with_name(folder.name + ".corrupt")
-            n = 1
-            while aside.exists():
-                aside = folder.with_name(f"{folder.name}.corrupt{n}")
-                n += 1
-            folder.rename(aside)
+            aside = self._set_aside(folder)
             notes.append(f"checkpoint {folder.name} is corrupt ({problem}); kept as {aside.name}"
                          + ("" if found else ", trying the previous one"))
         return found, notes
@@ -240,8 +264,38 @@ class TrainCheckpoints:
         for _, folder in done[:-self.keep_last]:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def _check_before_loading(self, folder: Path) -> None:
+        """Raise CorruptCheckpointError (the folder set aside, a warning printed) unless folder
+        still matches its manifest; rank 0 checks for every rank."""
+        problem = broadcast_object(self.verify(folder) if self.dist.is_main else None, self.dist)
+        if problem is None:
+            return
+        note = f"checkpoint {folder.name} is corrupt ({problem})"
+        if self.dist.is_main:
+            note += f"; kept as {self._set_aside(folder).name}"
+            log.warning(note)
+            print(f"warning: {note}", flush=True)
+        barrier(self.dist)  # set aside before any rank looks for the next one
+        raise CorruptCheckpointError(note)
+
+    def restore(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Path, dict[str, Any]] | None:
+        """Load the newest checkpoint that verifies (see load); one that fails its check at load
+        time is set aside like any corrupt one and the previous one is tried. None: there is none."""
+        set_aside = False
+        while (folder := self.latest()) is not None:
+            try:
+                return folder, self.load(folder, module, optimizer)
+            except CorruptCheckpointError:
+                set_aside = True  # by load: latest() now finds the previous one
+        if set_aside:  # as latest() does: never silently restart a run whose checkpoints all failed
+            raise TrainCheckpointError(f"no usable checkpoint in {self.root}: every one is corrupt "
+                                       "(set aside as *.corrupt); start a new run with another --out")
+        return None
+
     def load(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore model, optimizer and this rank's RNG from folder; returns the trainer state."""
+        """Restore model, optimizer and this rank's RNG from folder; returns the trainer state.
+        Raises CorruptCheckpointError (folder set aside) if its files no longer match checkpoint.json."""
+        self._check_before_loading(folder)
         dcp, _, _ = _dcp()
         model_sd, optim_sd = _state_dicts(module, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
@@ -260,7 +314,9 @@ class TrainCheckpoints:
         return json.loads((folder / TRAINER).read_text())
 
     def load_model_only(self, folder: Path, module: nn.Module) -> None:
-        """Load just the model weights of a checkpoint (any world size) into a plain module."""
+        """Load just the model weights of a checkpoint (any world size) into a plain module,
+        after the same manifest check as load."""
+        self._check_before_loading(folder)
         dcp, _, _ = _dcp()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 

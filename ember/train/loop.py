@@ -188,10 +188,10 @@ class Trainer:
         if not self.cfg.resume:
             raise TrainingError(f"{self.cfg.out} already holds checkpoints of an earlier run; pass --resume "
                                 "to continue it or choose another --out")
-        folder = self.ckpts.latest()
-        if folder is None:
+        found = self.ckpts.restore(self.module, self.optimizer)
+        if found is None:
             return False
-        state = self.ckpts.load(folder, self.module, self.optimizer)
+        folder, state = found
         self.batches.load_state_dict(state["data"])
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
         self.bad_in_row = state.get("bad_in_row", 0)

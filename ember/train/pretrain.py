@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.checkpoint.hf import CheckpointError, load_model, save_model
+from ember.checkpoint.registry import resolve_model_path
 from ember.config import PRESETS, ModelConfig, preset
 from ember.data.loader import PackedLoader, validation_windows
 from ember.data.mixture import mixture_weights, parse_mixture, prepare_mixture
@@ -120,10 +121,10 @@ def build_model(cfg: PretrainConfig, model: Transformer | None = None) -> tuple[
         torch.manual_seed(cfg.seed)
         model = Transformer(mcfg)
     else:
-        folder = Path(cfg.model).expanduser()
+        folder = resolve_model_path(cfg.model)
         if not folder.exists():
             raise PretrainError(f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) "
-                                "nor an existing model folder")
+                                "nor an existing model folder or .gguf file")
         model = load_model(folder)
         tok = load_tokenizer(tok_path or folder)
     if tok.vocab_size > model.config.vocab_size:

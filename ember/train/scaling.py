@@ -54,8 +54,8 @@ class ScalingLaw:
 
     def optimal(self, flops: float) -> tuple[float, float]:
         """(N, D) minimising the loss at C = 6 N D."""
-        if not flops > 0:
-            raise ScalingError(f"the compute budget must be positive, got {flops}")
+        if not 0 < flops < float("inf"):  # also refuses nan, and 1e999 (read as inf)
+            raise ScalingError(f"the compute budget must be positive and finite, got {flops}")
         a, b = self.alpha, self.beta
         g = (a * self.A / (b * self.B)) ** (1 / (a + b))
         n = g * (flops / 6) ** (b / (a + b))
@@ -118,6 +118,8 @@ def read_points(path: str | Path, drop_highest_loss: int = 0) -> Points:
             rows = list(csv.DictReader(f))
     except FileNotFoundError:
         raise ScalingError(f"data file {path} does not exist") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ScalingError(f"data file {path} is not a UTF-8 CSV file ({type(e).__name__})") from None
     if not rows:
         raise ScalingError(f"{path} has no data rows")
     header = {h.strip().lower(): h for h in rows[0] if h is not None}

@@ -23,15 +23,16 @@ from typing import Generic, Literal, TypeVar
 import torch
 import torch.nn as nn
 
-from ember.adapters.lora import (LoRAConfig, apply_lora, merge_and_unload, parse_targets,
-                                 trainable_summary)
+from ember.adapters.lora import LoRAConfig, apply_lora, merge_and_unload, parse_targets, trainable_summary
 from ember.checkpoint.hf import load_model, save_model
 from ember.checkpoint.peft import load_adapter, save_adapter
+from ember.checkpoint.registry import MODEL_HELP
 from ember.errors import EmberError
 from ember.model.transformer import Transformer
 from ember.tokenizer import Tokenizer, load_tokenizer
 from ember.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from ember.train.loop import LossFn, TrainConfig, Trainer, TrainResult, ValFn
+
 Method = Literal["lora", "qlora", "full"]
 T = TypeVar("T")
 
@@ -44,7 +45,7 @@ class FinetuneError(EmberError):
 class TuneConfig(TrainConfig):
     """Fields shared by `ember finetune` and `ember dpo` (the optimisation fields come from TrainConfig)."""
 
-    base: Path = field(metadata={"help": "base model folder (HF layout, tokenizer alongside)"})
+    base: Path = field(metadata={"help": MODEL_HELP})
     data: Path = field(metadata={"help": "training jsonl file"})
     val_data: Path | None = field(default=None, metadata={
         "help": "held-out jsonl file (default: hold out --val-fraction of --data)"})

@@ -86,7 +86,7 @@ def test_drain_is_bounded_by_the_timeout(tiny_dir) -> None:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--model", "/no/such/model"], "is not a folder"),
+    (["--model", "/no/such/model"], "does not exist"),
     (["--model", ".", "--port", "70000"], "--port"),
     (["--model", ".", "--max-num-seqs", "0"], "max_num_seqs"),
 ])

@@ -18,11 +18,16 @@ def offline(tiny_dir) -> LLM:
     return LLM(tiny_dir, num_kv_blocks=256)
 
 
-def test_models_lists_the_served_name_and_context(client) -> None:
+def test_models_lists_the_served_name_and_context(client, tiny_dir) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
     assert models[0].model_extra["max_model_len"] == 512
     assert client.models.retrieve("tiny").id == "tiny"
+    # root names the served model, never the folder the server loaded it from
+    cards = [models[0].model_dump(), httpx.get(str(client.base_url) + "models/tiny").json()]
+    for card in cards:
+        assert card["root"] == "tiny"
+        assert str(tiny_dir) not in str(card)
 
 
 def test_completions_match_the_offline_engine(client, offline, tokenizer) -> None:

