@@ -13,8 +13,9 @@
    chunks, each with a unique marker word), indexed as an ingest leaves them (IVF-Flat vector
    index from 5k chunks, full-text index for BM25). Timed per query: dense top-10 (store + fusion code path, query vector
    precomputed) and hybrid top-10 (dense + BM25 candidates of 50 each, RRF), against an exact
-   numpy brute-force top-10 over the same vectors (the baseline), with the ANN's recall@10
-   against it. Query embedding is timed separately (all-MiniLM-L6-v2, one query at a time).
+   numpy brute-force top-10 over the same vectors (the baseline: one matrix-vector product over
+   the whole matrix), timed interleaved with ember's queries (baseline, dense, hybrid for each
+   query in turn), with the ANN's recall@10 against it; numpy's BLAS and threads are printed. Query embedding is timed separately (all-MiniLM-L6-v2, one query at a time).
 Timings vary up to 2x on a shared machine; the load average is printed with the results.
 """
 
@@ -89,6 +90,25 @@ class _FixedQuery(Embedder):
         return self.vector
 
 
+def exact_top10(vecs: np.ndarray, qv: np.ndarray) -> set[int]:
+    """The baseline: exact top-10 by one matrix-vector product over the whole (n, dim) matrix."""
+    scores = vecs @ qv
+    top = np.argpartition(-scores, 10)[:10]
+    return set(top[np.argsort(-scores[top])].tolist())
+
+
+def blas_info() -> str:
+    """numpy's BLAS and its threads, so a slow baseline can be told from a misconfigured one."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "numpy BLAS: unknown (threadpoolctl not installed)"
+    pools = [f"{p.get('internal_api')} {p.get('version')} ({p.get('threading_layer', '?')}, "
+             f"{p.get('num_threads')} threads, core {p.get('architecture')})"
+             for p in threadpool_info() if p.get("user_api") == "blas"]
+    return "numpy BLAS: " + ("; ".join(pools) or "none found")
+
+
 def bench_search(emb: Embedder, sizes: list[int], n_queries: int) -> None:
     from ember.rag.chunking import Chunk, chunk_id
     from ember.rag.evaluate import load_qa
@@ -115,6 +135,7 @@ def bench_search(emb: Embedder, sizes: list[int], n_queries: int) -> None:
     print(f"\n== search: random unit vectors (dim {dim}) + pydoc chunk text; top-10; {n_queries} queries ==")
     print("query embedding alone (all-MiniLM-L6-v2, one query at a time), p50 / p95 ms: "
           + ", ".join(f"{t} torch thread(s) {a:.1f} / {b:.1f}" for t, (a, b) in embed_ms.items()))
+    print(blas_info() + "; OPENBLAS_CORETYPE=" + os.environ.get("OPENBLAS_CORETYPE", "(unset)"))
     print(f"{'chunks':>8}  {'index':<9}{'search':<34}{'p50 ms':>8}{'p95 ms':>8}{'recall@10':>11}")
     rng = np.random.default_rng(0)
     for n in sizes:
@@ -146,19 +167,16 @@ def bench_search(emb: Embedder, sizes: list[int], n_queries: int) -> None:
             qtexts = [questions[i % len(questions)] for i in range(n_queries)]
             fixed = _FixedQuery(dim)
             retriever = Retriever(store, fixed)
-            exact_ids, brute, dense_t, hybrid_t = [], [], [], []
-            for qv in qvecs:  # the baseline: exact top-10 by a numpy matrix-vector product
-                t0 = time.perf_counter()
-                scores = vecs @ qv
-                top = np.argpartition(-scores, 10)[:10]
-                top = top[np.argsort(-scores[top])]
-                brute.append(time.perf_counter() - t0)
-                exact_ids.append(set(top.tolist()))
-            recall = []
+            brute, dense_t, hybrid_t, recall = [], [], [], []
             for qv, qt in zip(qvecs[:5], qtexts[:5]):  # warm-up: the first queries load the indexes
                 fixed.vector = qv
                 retriever.search(qt, SearchParams(k=10, mode="hybrid", candidates=50))
-            for qv, qt, exact in zip(qvecs, qtexts, exact_ids):
+                exact_top10(vecs, qv)
+            # Interleaved per query, so the baseline and ember see the same machine load.
+            for qv, qt in zip(qvecs, qtexts):
+                t0 = time.perf_counter()
+                exact = exact_top10(vecs, qv)
+                brute.append(time.perf_counter() - t0)
                 fixed.vector = qv
                 t0 = time.perf_counter()
                 hits = retriever.search(qt, SearchParams(k=10, mode="dense"))

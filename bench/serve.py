@@ -12,7 +12,8 @@
                with the CPU time of the offline run over that of the server process (engine + HTTP)
                during the load, which other jobs on a shared machine disturb less.
 2. latency     the saturation request rate (everything at once), then Poisson arrivals at
-               --fraction (0.8) of it: TTFT / TPOT / ITL / E2E percentiles, P95 TTFT reported.
+               --fraction (0.8) of it with fresh prompts (a cold prefix cache; its hit rate is
+               printed): TTFT / TPOT / ITL / E2E percentiles, P95 TTFT reported.
 The model is --preset with random weights and a byte-level BPE tokenizer trained here on the
 bundled corpus (vocabulary as the preset's, when the corpus has that many merges). Server and
 offline run with the same engine settings and --threads torch threads; the load generator runs
@@ -92,9 +93,11 @@ def main() -> None:
             out = bench_serve(BenchServeConfig(saturation_fraction=args.fraction,
                                                save_result=_path(args, "latency"), **common))
             sat, run = out["runs"]
-            print(f"[latency] saturation {sat['request_throughput']:.2f} req/s; at {run['request_rate']:.2f} req/s: "
-                  f"P95 TTFT {run['ttft_ms']['p95']:.0f} ms (median {run['ttft_ms']['median']:.0f}), "
-                  f"P95 TPOT {run['tpot_ms']['p95']:.1f} ms, {run['failed']} failed", flush=True)
+            hit = run.get("prefix_cache_hit_rate", float("nan"))
+            print(f"[latency] saturation {sat['request_throughput']:.2f} req/s; at {run['request_rate']:.2f} req/s "
+                  f"(fresh prompts, prefix-cache hit rate {hit:.1%}): P95 TTFT {run['ttft_ms']['p95']:.0f} ms "
+                  f"(median {run['ttft_ms']['median']:.0f}), P95 TPOT {run['tpot_ms']['p95']:.1f} ms, "
+                  f"{run['failed']} failed", flush=True)
 
 
 def _path(args: argparse.Namespace, part: str) -> Path | None:

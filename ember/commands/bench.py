@@ -14,8 +14,12 @@ model is served by an `ember serve` subprocess on a free localhost port with the
 given here. --offline then runs the same prompts through `ember.LLM` in this process and prints
 the server's output tokens/s as a fraction of the offline engine's. --saturation-fraction F
 first sends everything at once to find the saturation request rate, then runs again with
-Poisson arrivals at F times it (e.g. P95 TTFT at 80 % load). --save-result writes every figure
-and per-request latency as JSON.
+Poisson arrivals at F times it (e.g. P95 TTFT at 80 % load). Each phase sends fresh prompts (seed
+--seed for the probe, --seed + 1 for the measured run), so the measured run does not find the probe's
+prompts in the prefix cache; --warm-cache resends the probe's prompts instead and labels the run so.
+Every run reports the server's prefix-cache hit rate (prompt tokens found / looked up, read from
+/metrics before and after) beside its latencies. --save-result writes every figure and per-request
+latency as JSON.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ class BenchServeConfig(EngineConfig):
         "help": "Poisson arrivals per second (inf: all at once)"})
     max_concurrency: int | None = field(default=None, kw_only=True, metadata={"help": "most requests in flight"})
     saturation_fraction: float | None = field(default=None, kw_only=True, metadata={
-        "help": "measure the saturation rate first, then run at this fraction of it"})
+        "help": "measure the saturation rate first, then run at this fraction of it (fresh prompts)"})
+    warm_cache: bool = field(default=False, kw_only=True, metadata={
+        "help": "with --saturation-fraction: resend the probe's prompts, so the measured run hits the prefix cache"})
     ignore_eos: bool = field(default=True, kw_only=True, metadata={"help": "generate exactly the output lengths"})
     temperature: float = field(default=0.0, kw_only=True, metadata={"help": "sampling temperature"})
     offline: bool = field(default=False, kw_only=True, metadata={
@@ -82,8 +88,9 @@ class BenchServeConfig(EngineConfig):
         "help": "torch threads of the served model and the offline run (default: all cores but one)"})
 
 
-def workload(cfg: BenchServeConfig) -> tuple[list[BenchRequest], Any]:
-    """The prompts of the run and the tokenizer they were counted with (None if unknown)."""
+def workload(cfg: BenchServeConfig, seed: int | None = None) -> tuple[list[BenchRequest], Any]:
+    """The prompts of a run (drawn with `seed`, default --seed) and the tokenizer that counted them (or None)."""
+    seed = cfg.seed if seed is None else seed
     tok = None
     if cfg.tokenizer or cfg.model:
         from ember.tokenizer import load_tokenizer
@@ -92,10 +99,10 @@ def workload(cfg: BenchServeConfig) -> tuple[list[BenchRequest], Any]:
     if cfg.dataset == "random":
         if tok is None:
             raise LoadgenError("random prompts need the vocabulary: pass --model DIR or --tokenizer DIR")
-        return random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, tok.vocab_size, cfg.seed,
+        return random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, tok.vocab_size, seed,
                                cfg.range_ratio, cfg.prefix_len, exclude=tok.all_special_ids), tok
     count = (lambda s: len(tok.encode(s))) if tok is not None else None  # noqa: E731
-    return file_requests(Path(cfg.dataset), cfg.num_prompts, cfg.output_len, count, cfg.seed), tok
+    return file_requests(Path(cfg.dataset), cfg.num_prompts, cfg.output_len, count, seed), tok
 
 
 def _flags(cfg: BenchServeConfig) -> list[str]:
@@ -176,14 +183,39 @@ def _cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def prefix_cache_counts(url: str, api_key: str | None) -> tuple[float, float] | None:
+    """(prompt tokens looked up, found) in the server's prefix cache so far, from /metrics; None if unreadable."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    totals = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("ember:prefix_cache_queries_total", "ember:prefix_cache_hits_total"):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    if len(totals) != 2:
+        return None  # not an ember server, or one without these counters
+    return totals["ember:prefix_cache_queries_total"], totals["ember:prefix_cache_hits_total"]
+
+
 def _load(cfg: BenchServeConfig, url: str, pid: int | None, requests: list[BenchRequest], rate: float,
-          decode) -> dict[str, Any]:
+          decode, seed: int) -> dict[str, Any]:
     opts = LoadOptions(rate, cfg.max_concurrency, cfg.endpoint, cfg.served_model_name, cfg.ignore_eos,
-                       cfg.temperature, cfg.seed, cfg.api_key, cfg.timeout)
+                       cfg.temperature, seed, cfg.api_key, cfg.timeout)
+    cache0 = prefix_cache_counts(url, cfg.api_key)
     cpu0 = _cpu_seconds(pid)
     results, seconds = asyncio.run(run_load(url, requests, opts, decode))
     cpu1 = _cpu_seconds(pid)
+    cache1 = prefix_cache_counts(url, cfg.api_key)
     summary = summarize(results, seconds)
+    if cache0 is not None and cache1 is not None:
+        queries, hits = cache1[0] - cache0[0], cache1[1] - cache0[1]
+        summary["prefix_cache_hit_rate"] = hits / queries if queries else 0.0
     if cpu0 is not None and cpu1 is not None:
         summary["server_cpu_s"] = cpu1 - cpu0  # the served process (engine + HTTP), warm-up request included
     summary["request_rate"] = _jsonable(rate)
@@ -201,19 +233,27 @@ def _jsonable(v: Any) -> Any:
 def bench_serve(cfg: BenchServeConfig) -> dict[str, Any]:
     require_serve_extra()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+    if cfg.warm_cache and cfg.saturation_fraction is None:
+        raise LoadgenError("--warm-cache applies to --saturation-fraction runs (it resends the probe's prompts)")
     requests, tok = workload(cfg)
     decode = tok.decode if tok is not None else None
     result: dict[str, Any] = {"config": {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}, "runs": []}
+    seed = cfg.seed
     with (contextlib.nullcontext((cfg.base_url, None)) if cfg.base_url else served(cfg)) as (url, pid):
         if cfg.saturation_fraction is not None:
-            saturation = _load(cfg, url, pid, requests, math.inf, decode)
-            print(format_summary(saturation, "saturation (all at once)"))
+            saturation = _load(cfg, url, pid, requests, math.inf, decode, seed)
+            print(format_summary(saturation, "saturation probe (all at once)"))
             result["runs"].append(saturation)
             rate = cfg.saturation_fraction * saturation["request_throughput"]
+            if not cfg.warm_cache:  # fresh prompts: the probe's are in the prefix cache now
+                seed = cfg.seed + 1
+                requests, _ = workload(cfg, seed)
         else:
             rate = cfg.request_rate
-        run = _load(cfg, url, pid, requests, rate, decode)
+        run = _load(cfg, url, pid, requests, rate, decode, seed)
         title = "all at once" if math.isinf(rate) else f"Poisson {rate:.2f} req/s"
+        if cfg.warm_cache:
+            title += ", WARM prefix cache (the probe's prompts again)"
         print(format_summary(run, f"ember bench serve: {title}"))
         result["runs"].append(run)
     if cfg.offline:

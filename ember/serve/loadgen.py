@@ -261,4 +261,6 @@ def format_summary(s: dict[str, Any], title: str) -> str:
         st = s[key]
         lines.append(f"{name + ' (ms):':<34}mean {st['mean']:.1f}  median {st['median']:.1f}  "
                      f"P95 {st['p95']:.1f}  P99 {st['p99']:.1f}")
+    if "prefix_cache_hit_rate" in s:
+        lines.append(f"{'Prefix cache hit rate:':<34}{s['prefix_cache_hit_rate']:.1%} of prompt tokens")
     return "\n".join(lines)

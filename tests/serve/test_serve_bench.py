@@ -86,6 +86,17 @@ def test_bench_chat_endpoint_with_saturation_fraction(server, tiny_dir) -> None:
     assert half["request_rate"] == pytest.approx(0.5 * saturation["request_throughput"])
 
 
+def test_saturation_phases_send_fresh_prompts_unless_warm_cache(server, tiny_dir) -> None:
+    """The measured run must not find the probe's prompts in the prefix cache (a warm-cache TTFT flatters)."""
+    common = dict(base_url=server.url, model=tiny_dir, num_prompts=6, input_len=40, output_len=2,
+                  saturation_fraction=4.0)
+    cold = bench_serve(BenchServeConfig(seed=11, **common))["runs"]
+    warm = bench_serve(BenchServeConfig(seed=12, warm_cache=True, **common))["runs"]
+    assert all("prefix_cache_hit_rate" in run for run in cold + warm)
+    assert cold[1]["prefix_cache_hit_rate"] < 0.2  # random prompts of fresh seeds share little
+    assert warm[1]["prefix_cache_hit_rate"] > 0.7  # the same prompts again: their full blocks hit
+
+
 def test_bench_needs_a_server_or_a_model(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "ember", "bench", "serve", "--dataset", str(tmp_path / "p.txt")],
                           capture_output=True, text=True, timeout=120)
