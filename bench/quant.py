@@ -4,15 +4,22 @@
     python bench/quant.py --preset bench-50m               # a larger, more memory-bound model
     python bench/quant.py --model runs/pt/model --quality  # + perplexity / size table, all methods
 
-Speed: every variant decodes `--tokens` tokens greedily at batch 1 with `ember.generate`, the
-variants interleaved for `--rounds` rounds in one process (so machine load hits them alike); the
-median tokens/s of each is compared with fp32's. Variants: fp32; INT8 through PyTorch's fused
-int8-weight CPU kernel (bf16 activations); INT8 dequantized on the fly to fp32; bf16 weights (a
-reference point: half the bytes, no integer weights); NF4 and GPTQ 4-bit (dequantized on the
-fly). Decode speed does not depend on the weights' values, so a random model measures it.
+Speed: every variant decodes `--tokens` tokens greedily at batch 1 with `ember.generate` (the
+naive decoder: row-major fp32 matmuls, not the engine's native kernels; bench/kernels.py times
+INT8 against the engine's fp32 path), the variants interleaved for `--rounds` rounds in one
+process (so machine load hits them alike); the median tokens/s of each is compared with fp32's.
+Variants: fp32; INT8 through PyTorch's fused int8-weight CPU kernel (bf16 activations); INT8
+dequantized on the fly to fp32; bf16 weights (a reference point: half the bytes, no integer
+weights); NF4 and RTN 4-bit g128 (dequantized on the fly). RTN stands for every group method:
+GPTQ and AWQ store the same packed 4-bit codes, scales and zeros in the same GroupQuantLinear, so
+they decode at RTN's speed, and RTN needs no calibration text, which a random model has no
+tokenizer for. Decode speed does not depend on the weights' values, so a random model measures it.
 
 Quality (--quality, needs a trained model folder with its tokenizer): every method quantized
-from the same fp32 model and scored on the held-out split (see `ember quantize`).
+from the same fp32 model and scored on the held-out text (see `ember quantize`), each perplexity
+and change with a bootstrap standard error over the scoring windows (changes paired with fp32's
+windows). --eval-tokens asks for 100k tokens; the bundled corpus's held-out split holds ~15k, so
+with it all of that is scored (a note says so): pass --eval-data files for a larger set.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from ember.config import preset  # noqa: E402
 from ember.model.transformer import Transformer  # noqa: E402
 from ember.quant import QuantConfig, calibration_ids, quantize_model  # noqa: E402
 from ember.quant.linear import Int8Linear  # noqa: E402
-from ember.quant.report import decode_tokens_per_second, format_table, heldout_texts, measure  # noqa: E402
+from ember.quant.report import decode_tokens_per_second, format_table, heldout_line, heldout_set, measure  # noqa: E402
 
 
 class _DequantInt8(Int8Linear):
@@ -76,10 +83,14 @@ def bench_speed(base: Transformer, tokens: int, rounds: int) -> None:
 
 
 def bench_quality(model_dir: Path, eval_tokens: int, calib_samples: int, seq_len: int,
-                  decode_tokens: int = 32) -> None:
+                  decode_tokens: int = 32, eval_data: list[str] | None = None) -> None:
     tok = ember.load_tokenizer(model_dir)
     base = ember.load_model(model_dir)
-    texts = heldout_texts(tok, ["bundled"], eval_tokens)
+    eval_data = eval_data or ["bundled"]
+    heldout = heldout_set(tok, eval_data, eval_tokens)
+    if (note := heldout.note(eval_data)) is not None:
+        print(note, flush=True)
+    texts = heldout.texts
     calib = calibration_ids(tok, ["bundled"], calib_samples, seq_len)
     rows = [measure(base, tok, texts, "fp32", seq_len, decode_tokens=decode_tokens)]
     print(format_table(rows), flush=True)
@@ -94,8 +105,7 @@ def bench_quality(model_dir: Path, eval_tokens: int, calib_samples: int, seq_len
         spent = time.perf_counter() - t0
         rows.append(measure(model, tok, texts, label, seq_len, decode_tokens=decode_tokens, baseline=rows[0]))
         print(format_table(rows[-1:]).splitlines()[-1] + f"   (quantized in {spent:.0f}s)", flush=True)
-    print(f"held-out: {sum(len(tok.encode(t)) for t in texts)} tokens in {len(texts)} documents; "
-          f"calibration: {calib_samples} x {seq_len} tokens")
+    print(f"{heldout_line(rows)}; calibration: {calib_samples} x {seq_len} tokens")
     print(format_table(rows))
 
 
@@ -109,7 +119,10 @@ def main() -> None:
     p.add_argument("--skip-speed", action="store_true", help="only the quality table")
     p.add_argument("--quality-decode-tokens", type=int, default=32, help="decode tokens timed per row (0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    p.add_argument("--eval-tokens", type=int, default=50_000)
+    p.add_argument("--eval-tokens", type=int, default=100_000,
+                   help="held-out tokens to score (about; all of the held-out text if it holds fewer)")
+    p.add_argument("--eval-data", nargs="+", default=["bundled"],
+                   help="held-out text: 'bundled' (its held-out split) and/or files and folders")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     args = p.parse_args()
@@ -123,7 +136,8 @@ def main() -> None:
     if args.quality:
         if args.model is None:
             p.error("--quality needs --model (a trained model folder with its tokenizer)")
-        bench_quality(args.model, args.eval_tokens, args.calib_samples, args.seq_len, args.quality_decode_tokens)
+        bench_quality(args.model, args.eval_tokens, args.calib_samples, args.seq_len, args.quality_decode_tokens,
+                      args.eval_data)
 
 
 if __name__ == "__main__":

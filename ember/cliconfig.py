@@ -114,7 +114,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(tp) is Literal:
             kwargs["choices"] = get_args(tp)
-            kwargs["type"] = lambda s, t=tp, n=f.name: convert(t, s, n)
+            kwargs["type"] = _literal_parser(tp, f.name)
         if f.metadata.get("positional"):
             kwargs.pop("dest")
             if not has_default:
@@ -124,6 +124,18 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         else:
             parser.add_argument(_flag(f.name), **kwargs)
     return parser
+
+
+def _literal_parser(tp: Any, name: str):
+    """argparse's type= for a Literal: its error names the field and the choices (argparse would
+    print "invalid <lambda> value" for a plain ValueError)."""
+    def parse(text: str) -> Any:
+        try:
+            return convert(tp, text, name)
+        except CLIConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

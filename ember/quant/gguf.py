@@ -11,7 +11,10 @@ What llama.cpp needs from us:
     RoPE layout back to the interleaved-pairs layout llama.cpp rotates (as its converter does);
     `qwen2` uses rotate-half (NeoX) RoPE itself and takes them unchanged;
   * hyperparameters under `<arch>.*` keys and the byte-level BPE tokenizer (`gpt2` model,
-    GPT-2 pre-tokenizer, tokens, merges, token types, special ids, chat template);
+    tokens, merges, token types with CONTROL for special tokens, special ids, add_bos/add_eos as
+    the tokenizer's post-processor does, chat template). The pre-tokenizer name is the one of the
+    GGUF the tokenizer was read from (e.g. SmolLM2's "smollm", which llama.cpp splits digits
+    with), else "gpt-2";
   * 2-D weights in the chosen type (q8_0 / q4_0 blocks of 32 along a row; rows whose length is not
     a multiple of 32 fall back to f16), 1-D norms and biases in f32.
 Quantized ember models are dequantized first. Mixtral, ALiBi and sliding-window models have no
@@ -96,6 +99,33 @@ def _tensor_type(t: np.ndarray, kind: str):
     return T.Q8_0 if kind == "q8_0" else T.Q4_0
 
 
+def _added_bos_eos(tokenizer) -> tuple[bool, bool]:
+    """Whether encoding puts BOS first / EOS last, so llama.cpp tokenizes prompts as ember does."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bos is not None and len(full) > len(plain) and full[0] == bos and full[1:len(plain) + 1] == plain
+    add_eos = eos is not None and len(full) > len(plain) and full[-1] == eos and full[-len(plain) - 1:-1] == plain
+    return add_bos, add_eos
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Refuse, before the slow part, an `out` that cannot become a file: a folder, a path under
+    a file or in a folder we may not write. Missing folders are fine: they are created, as for
+    every file ember writes.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{out} is a folder: give the file to write, e.g. {out / 'model.gguf'}")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"cannot write {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: no permission to write in {existing}")
+
+
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """Byte-level BPE vocabulary, merges, token types and special ids in llama.cpp's keys."""
     gguf = _gguf()
@@ -116,16 +146,21 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
             types[idx] = gguf.TokenType.CONTROL if idx in special else gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    # The source GGUF's own name keeps llama.cpp splitting text as it did for the original file.
+    writer.add_tokenizer_pre(tokenizer.gguf_pre or "gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    unk_id = None if tokenizer.unk_token is None else tokenizer.token_to_id(tokenizer.unk_token)
     for setter, idx in ((writer.add_bos_token_id, tokenizer.bos_token_id),
                         (writer.add_eos_token_id, tokenizer.eos_token_id),
-                        (writer.add_pad_token_id, tokenizer.pad_token_id)):
+                        (writer.add_pad_token_id, tokenizer.pad_token_id),
+                        (writer.add_unk_token_id, unk_id)):
         if idx is not None:
             setter(idx)
-    writer.add_add_bos_token(False)  # ember's tokenizers add no BOS when encoding
+    add_bos, add_eos = _added_bos_eos(tokenizer)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
@@ -138,6 +173,7 @@ def export_gguf(model: Transformer, tokenizer, out: str | os.PathLike, kind: str
     if kind not in GGUF_TYPES:
         raise ExportError(f"unknown GGUF type {kind!r}; choose one of {', '.join(GGUF_TYPES)}")
     arch = _arch(model)
+    check_writable(out)
     cfg = model.config
     names = gguf.get_tensor_name_map(arch, cfg.num_layers)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

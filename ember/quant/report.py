@@ -11,6 +11,9 @@ One row per model, the same measurements for the unquantized baseline and every 
   x layers    fp32 bytes of the quantized layers / their bytes now
   x model     fp32 bytes of the whole model / its bytes now
   ppl         token perplexity on held-out text (ember.eval.perplexity, rolling windows)
+  ±           bootstrap standard error over the scoring windows (windows resampled; for Δppl the
+              per-window differences from the baseline, paired). Windows of one document are
+              not independent, so with few documents the SE is optimistic.
   tok/s       batch-1 greedy decode with ember.generate (best of `repeats`)
 """
 
@@ -18,12 +21,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ember.eval.perplexity import model_perplexity
+from ember.eval.loglikelihood import prefix_token_id, score_spans
+from ember.eval.perplexity import PerplexityResult, rolling_spans
+from ember.eval.stats import perplexity_delta_stderr, perplexity_stderr
 from ember.model.generate import generate
 from ember.quant.calibration import split_documents
 from ember.quant.linear import QUANT_LINEARS, quantizable_linears, weight_bytes
@@ -39,6 +45,47 @@ class QuantRow:
     perplexity: float
     tokens_per_s: float
     delta_pct: float | None = None  # perplexity change versus the baseline, percent
+    heldout: PerplexityResult | None = None  # the perplexity measurement whole (bits per byte, counts)
+    perplexity_se: float | None = None  # bootstrap standard error over windows
+    delta_se: float | None = None  # of delta_pct, windows paired with the baseline's, percent points
+    windows: WindowScores | None = field(default=None, repr=False)
+
+
+@dataclass
+class WindowScores:
+    """Log-likelihood and scored tokens of every rolling window, documents in order: the items
+    the bootstrap resamples (two models scored on the same texts have the same windows)."""
+
+    loglikelihood: np.ndarray
+    tokens: np.ndarray
+
+    def pairs_with(self, other: WindowScores) -> bool:
+        return np.array_equal(self.tokens, other.tokens)
+
+
+@dataclass
+class HeldOutSet:
+    """Held-out documents and their token count; `short` when the source held fewer than asked."""
+
+    texts: list[str]
+    tokens: int
+    requested: int
+
+    @property
+    def short(self) -> bool:
+        return self.tokens < self.requested
+
+    def note(self, data: list[str]) -> str | None:
+        """The line to print when the request was clamped to what the source holds, else None."""
+        return clamp_note(data, self.requested, self.tokens, len(self.texts))
+
+
+def clamp_note(data: list[str], requested: int, tokens: int, documents: int) -> str | None:
+    """Say that fewer held-out tokens were scored than --eval-tokens asked for, or None if not."""
+    if tokens >= requested:
+        return None
+    return (f"note: the held-out text of {' '.join(data)} holds {tokens:,} tokens in {documents} documents, "
+            f"fewer than --eval-tokens {requested:,}: all of it is scored")
 
 
 def layer_footprint(model: nn.Module) -> tuple[int, int]:
@@ -68,15 +115,41 @@ def fp32_bytes(model: nn.Module) -> int:
     return total
 
 
-def heldout_texts(tokenizer, data: list[str], max_tokens: int) -> list[str]:
-    """Held-out documents (bundled: the pretraining split's validation documents) up to max_tokens."""
+def heldout_set(tokenizer, data: list[str], max_tokens: int) -> HeldOutSet:
+    """Held-out documents (bundled: the pretraining split's validation documents) up to about
+    max_tokens (whole documents, so the last may overshoot), or all of them if they hold fewer."""
     texts, count = [], 0
     for doc in split_documents(data, held_out=True):
         texts.append(doc.text)
         count += len(tokenizer.encode(doc.text, add_special_tokens=False))
         if count >= max_tokens:
             break
-    return texts
+    return HeldOutSet(texts, count, max_tokens)
+
+
+def heldout_texts(tokenizer, data: list[str], max_tokens: int) -> list[str]:
+    """The texts of heldout_set."""
+    return heldout_set(tokenizer, data, max_tokens).texts
+
+
+@torch.no_grad()
+def score_windows(model: nn.Module, tokenizer, texts: list[str], max_len: int,
+                  batch_size: int = 8) -> tuple[PerplexityResult, WindowScores]:
+    """model_perplexity's result (the same spans, scored per document the same way, so the same
+    numbers) and the per-window scores behind it."""
+    prefix = prefix_token_id(tokenizer)
+    device = next(model.parameters()).device
+    result, lls, counts = PerplexityResult(), [], []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            continue
+        spans = rolling_spans(ids, prefix, max_len)
+        scores = [ll for ll, _ in score_spans(model, spans, batch_size, device)]
+        result.add(text, sum(scores), len(ids))
+        lls += scores
+        counts += [s.n_score for s in spans]
+    return result, WindowScores(np.asarray(lls, dtype=np.float64), np.asarray(counts, dtype=np.float64))
 
 
 @torch.no_grad()
@@ -98,21 +171,43 @@ def measure(model: nn.Module, tokenizer, texts: list[str], label: str, max_len: 
             decode_tokens: int = 64, baseline: QuantRow | None = None) -> QuantRow:
     params, nbytes = layer_footprint(model)
     total = weight_bytes(model)
-    ppl = model_perplexity(model, tokenizer, texts, max_len=max_len).token_perplexity
+    heldout, windows = score_windows(model, tokenizer, texts, max_len)
+    ppl = heldout.token_perplexity
     speed = decode_tokens_per_second(model, decode_tokens) if decode_tokens > 0 else float("nan")
     row = QuantRow(label, 8 * nbytes / max(params, 1), total / 1e6, 4 * params / max(nbytes, 1),
-                   fp32_bytes(model) / total, ppl, speed)
+                   fp32_bytes(model) / total, ppl, speed, heldout=heldout,
+                   perplexity_se=perplexity_stderr(windows.loglikelihood, windows.tokens), windows=windows)
     if baseline is not None:
         row.delta_pct = 100.0 * (ppl / baseline.perplexity - 1.0)
+        if baseline.windows is not None and windows.pairs_with(baseline.windows):
+            row.delta_se = perplexity_delta_stderr(windows.loglikelihood, baseline.windows.loglikelihood,
+                                                   windows.tokens)
     return row
 
 
+def _pm(value: str, se: float | None, fmt: str) -> str:
+    """value±se as one cell (no spaces: the table splits on whitespace), or value alone without an SE."""
+    return value if se is None else f"{value}±{se:{fmt}}"
+
+
 def format_table(rows: list[QuantRow]) -> str:
-    head = f"{'method':<14} {'bits/w':>7} {'MB':>8} {'x layers':>9} {'x model':>8} {'ppl':>9} {'Δppl':>8} {'tok/s':>8}"
+    head = (f"{'method':<14} {'bits/w':>7} {'MB':>8} {'x layers':>9} {'x model':>8} {'ppl±se':>15} "
+            f"{'Δppl±se':>15} {'tok/s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        delta = "" if r.delta_pct is None else f"{r.delta_pct:+.2f}%"
+        delta = "" if r.delta_pct is None else _pm(f"{r.delta_pct:+.3f}", r.delta_se, ".3f") + "%"
         speed = "-" if math.isnan(r.tokens_per_s) else f"{r.tokens_per_s:.1f}"  # decode not timed
         lines.append(f"{r.label:<14} {r.bits_per_weight:>7.2f} {r.weight_mb:>8.2f} {r.layer_ratio:>8.2f}x "
-                     f"{r.model_ratio:>7.2f}x {r.perplexity:>9.3f} {delta:>8} {speed:>8}")
+                     f"{r.model_ratio:>7.2f}x {_pm(f'{r.perplexity:.3f}', r.perplexity_se, '.3f'):>15} "
+                     f"{delta:>15} {speed:>8}")
     return "\n".join(lines)
+
+
+def heldout_line(rows: list[QuantRow]) -> str:
+    """What the ± of a table stand on: tokens, documents and windows of the held-out set."""
+    r = next((r for r in rows if r.heldout is not None and r.windows is not None), None)
+    if r is None:
+        return ""
+    return (f"held-out: {r.heldout.tokens:,} tokens in {r.heldout.documents} documents, "
+            f"{len(r.windows.tokens)} windows of <= {int(r.windows.tokens.max(initial=0))} tokens; "
+            f"± = bootstrap standard error over windows (paired with the baseline's for Δppl)")

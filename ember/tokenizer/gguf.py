@@ -127,7 +127,9 @@ def tokenizer_from_gguf(path: str | os.PathLike, reader: gguf.GGUFReader | None 
         eos=special.get("eos_token") if meta.flag("tokenizer.ggml.add_eos_token") else None,
         backend=backend,
     )
-    return Tokenizer(backend, special_tokens=special, chat_template=meta.text("tokenizer.chat_template"))
+    tokenizer = Tokenizer(backend, special_tokens=special, chat_template=meta.text("tokenizer.chat_template"))
+    tokenizer.gguf_pre = pre
+    return tokenizer
 
 
 def _open(path: Path) -> gguf.GGUFReader:

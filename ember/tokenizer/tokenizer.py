@@ -38,6 +38,10 @@ class Tokenizer:
     vocabulary lacks is added as a special token, as transformers does when it loads the folder.
     """
 
+    # The `tokenizer.ggml.pre` name of the GGUF it was read from (None otherwise): ember may map
+    # two names to one pre-tokenizer, so a GGUF export needs the name itself to write it back.
+    gguf_pre: str | None = None
+
     def __init__(
         self,
         backend: tokenizers.Tokenizer,

@@ -1,12 +1,20 @@
 """GGUF export read back with the `gguf` package: llama.cpp's tensor names, types and metadata,
-the tokenizer, and a q/k permutation that gives llama.cpp's RoPE the same attention scores."""
+the tokenizer, and a q/k permutation that gives llama.cpp's RoPE the same attention scores; and
+`ember export`'s one-line errors for an --out it cannot write or an unknown --type.
+(llama.cpp itself reading an export: test_gguf_llama_cpp.py.)"""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ember.checkpoint.hf import save_model
 from ember.config import preset
 from ember.data.sources import pydoc_topics
 from ember.model.rope import apply_rope, rope_cos_sin
@@ -110,3 +118,62 @@ def test_unsupported_models_are_refused(model_and_tok, tmp_path) -> None:
     with pytest.raises(ExportError, match="dense RoPE"):
         export_gguf(moe, tok, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def ember_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ember", "export", "--format", "gguf", *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """stderr without argparse's usage block (its first line and the flag lines that continue it)."""
+    return [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("usage:", " "))]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(model_and_tok, tmp_path_factory) -> Path:
+    model, tok = model_and_tok
+    folder = tmp_path_factory.mktemp("tiny")
+    save_model(model, folder)
+    tok.save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("{file}/m.gguf", "is a file, not a folder"),
+    ("{file}/deeper/m.gguf", "is a file, not a folder"),
+    ("{tmp}", "is a folder"),
+])
+def test_export_to_a_path_that_cannot_be_written_is_one_line(tiny_dir, tmp_path, out: str, needle: str) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    proc = ember_export("--model", str(tiny_dir), "--out", out.format(file=tmp_path / "file", tmp=tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_export_into_a_read_only_folder_is_one_line(tiny_dir, tmp_path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    proc = ember_export("--model", str(tiny_dir), "--out", str(ro / "m.gguf"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "no permission" in lines[0], proc.stderr
+
+
+def test_export_into_a_missing_folder_creates_it(tiny_dir, tmp_path) -> None:
+    out = tmp_path / "new" / "deeper" / "m.gguf"
+    proc = ember_export("--model", str(tiny_dir), "--out", str(out), "--type", "q4_0")
+    assert proc.returncode == 0, proc.stderr
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_unknown_gguf_type_exits_non_zero_naming_it(model_and_tok, tiny_dir, tmp_path) -> None:
+    proc = ember_export("--model", str(tiny_dir), "--out", str(tmp_path / "m.gguf"), "--type", "q5_0")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "--type" in lines[0] and "q5_0" in lines[0] and "q4_0" in lines[0], proc.stderr
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ExportError, match="unknown GGUF type 'q5_0'; choose one of f32, f16, q8_0, q4_0"):
+        export_gguf(*model_and_tok, tmp_path / "m.gguf", "q5_0")
