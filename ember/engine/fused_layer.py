@@ -12,15 +12,20 @@ and the final norm in one call when every block can, when
     at most native.MAX_LINEAR_ROWS rows, fp32, no autograd;
   * the block is the plain dense layer the engine prepared: its norms, attention and MLP are
     the native swaps, q|k|v and gate|up are fused (ember/model/fused.py) and still valid, RoPE
-    (no ALiBi), no hooks, and every weight is still the tensor the plan recorded.
+    (no ALiBi), no hooks, and every weight is still the tensor the plan recorded;
+  * or the same layer with all seven projections quantized (ember/quant's modules), each with
+    a packed weight the native kernel reads as it is (no column permutation or padding), still
+    the one the plan recorded (kernels/quant_linear.c computes them in the layer's call).
 
-Anything else (prefill chunks, MoE, LoRA or quantized projections, hooks, a replaced weight)
-runs the modules as before; a hook on a block makes the stack give way to per-block calls. The
+Anything else (prefill chunks, MoE, LoRA or partly quantized projections, hooks, a replaced
+weight) runs the modules as before; a hook on a block makes the stack give way to per-block calls. The
 kernels are the same ones in the same order, so every way gives bit-identical results
 (tests/engine/test_fused_layer.py).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -32,6 +37,10 @@ from ember.engine.weight_layout import DecodeAttention, DecodeLinear, DecodeMLP,
 from ember.model.fused import FusedLinears
 from ember.model.rope import rope_cos_sin, rope_inv_freq
 from ember.model.transformer import Block, CosSin, Transformer
+
+if TYPE_CHECKING:  # ember.quant imports the engine's package: imported where used
+    from ember.quant.base import QuantLinear
+    from ember.quant.native_layout import PackedWeight
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -49,8 +58,9 @@ class LayerPlan:
 
     def __init__(self, block: Block, weights: native.LayerWeights, modules: list[nn.Module],
                  params: list[tuple[nn.Module, str, int]], fused: list[tuple[FusedLinears, tuple[nn.Module, ...]]],
-                 keep: list[torch.Tensor]) -> None:
+                 keep: list[torch.Tensor], packed: list[tuple[QuantLinear, PackedWeight]] | None = None) -> None:
         self.weights = weights
+        self.packed = packed or []  # quantized projections and the packed weights the struct points at
         self.modules = modules  # whose hooks would be skipped
         self.children = [(parent, name, parent._modules[name]) for parent in [block, block.self_attn, block.mlp]
                          for name in parent._modules if parent._modules[name] is not None]
@@ -64,8 +74,14 @@ class LayerPlan:
         attn, mlp = block.self_attn, block._modules.get("mlp")
         n1, n2 = block.input_layernorm, block.post_attention_layernorm
         if not (type(n1) is DecodeRMSNorm and type(n2) is DecodeRMSNorm and type(attn) is DecodeAttention
-                and type(mlp) is DecodeMLP and type(attn.o_proj) is DecodeLinear
-                and type(mlp.down_proj) is DecodeLinear and "block_sparse_moe" not in block._modules):
+                and type(mlp) is DecodeMLP and "block_sparse_moe" not in block._modules):
+            return None
+        from ember.quant.base import QuantLinear
+
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if all(isinstance(m, QuantLinear) for m in projs):
+            return cls._build_quantized(block, projs)
+        if not (type(attn.o_proj) is DecodeLinear and type(mlp.down_proj) is DecodeLinear):
             return None
         spec = attn.spec
         qkv, gu = attn.fused_qkv, mlp.fused_gate_up
@@ -99,9 +115,42 @@ class LayerPlan:
         plan = cls(block, weights, modules, params, fused, keep)
         return plan if plan.valid() else None  # hooks
 
+    @classmethod
+    def _build_quantized(cls, block: Block, projs: tuple[QuantLinear, ...]) -> "LayerPlan | None":
+        """A plan for a block whose seven projections are quantized, or None."""
+        attn, mlp = block.self_attn, block.mlp
+        n1, n2 = block.input_layernorm, block.post_attention_layernorm
+        spec = attn.spec
+        if spec.alibi or spec.head_dim % 2:
+            return None
+        D, H, Hkv, hd = n1.weight.shape[0], spec.num_heads, spec.num_kv_heads, spec.head_dim
+        I = mlp.down_proj.in_features
+        shapes = [(H * hd, D), (Hkv * hd, D), (Hkv * hd, D), (D, H * hd), (I, D), (I, D), (D, I)]
+        packs = [m.packed_weight() for m in projs]
+        if any(pk is None or pk.perm is not None or pk.width != pk.in_features
+               or (pk.out_features, pk.in_features) != shape for pk, shape in zip(packs, shapes)):
+            return None
+        tensors = [n1.weight, n2.weight] + [m.bias for m in projs if m.bias is not None]
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) \
+                or n2.weight.shape != (D,):
+            return None
+        proj = (native.QuantProjection * 7)(*[
+            native.QuantProjection(native.QUANT_FORMATS[pk.fmt], pk.data.data_ptr(),
+                                   None if pk.rscale is None else pk.rscale.data_ptr(),
+                                   None if m.bias is None else m.bias.data_ptr()) for m, pk in zip(projs, packs)])
+        weights = native.LayerWeights(norm1=n1.weight.data_ptr(), norm2=n2.weight.data_ptr(), D=D, H=H, Hkv=Hkv,
+                                      hd=hd, I=I, window=spec.sliding_window or 0, eps1=n1.eps, eps2=n2.eps,
+                                      scale=spec.scale, quant=1, proj=proj)
+        params = [(m, name, m._parameters[name].data_ptr()) for m in (n1, n2, *projs) for name in ("weight", "bias")
+                  if m._parameters.get(name) is not None]
+        modules = [n1, n2, attn, mlp, *projs]
+        plan = cls(block, weights, modules, params, [], tensors, list(zip(projs, packs)))
+        return plan if plan.valid() else None  # hooks
+
     def valid(self) -> bool:
         """Whether the block still is what the plan recorded: the same modules, no hooks on them,
-        the same weights at the same addresses, the fused groups still valid."""
+        the same weights at the same addresses, the fused groups still valid, the quantized
+        projections' packed weights still the recorded ones."""
         for parent, name, child in self.children:
             if parent._modules.get(name) is not child:
                 return False
@@ -111,6 +160,8 @@ class LayerPlan:
             p = m._parameters.get(name)
             if p is None or p.data_ptr() != ptr:
                 return False
+        if any(m.packed_weight() is not pk for m, pk in self.packed):
+            return False
         return all(f.valid(mods) for f, mods in self.fused)
 
 

@@ -1,5 +1,5 @@
 """The engine's native CPU kernels (paged decode attention and KV writes, causal prefill attention,
-few-row linear, RMSNorm, RoPE, SwiGLU activation, greedy argmax), built on first use.
+few-row linear, fp32 and quantized, RMSNorm, RoPE, SwiGLU activation, greedy argmax), built on first use.
 
 The C sources in ember/engine/kernels/ are compiled with the system C compiler ($CC, else cc)
 into one shared library, cached under $EMBER_CACHE_DIR (default ~/.cache/ember)/kernels and
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = [KERNELS / name for name in ("paged_attention.c", "prefill_attention.c", "linear.c", "rmsnorm.c", "rope.c",
-                                        "argmax.c", "swiglu.c", "decode_layer.c")]
+                                        "argmax.c", "swiglu.c", "quant_linear.c", "decode_layer.c")]
 HEADERS = [KERNELS / "vexp.h", KERNELS / "kernels.h"]  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products' reductions. Not -ffast-math: a
 # library linked with it sets flush-to-zero for the whole process when loaded (tests check).
@@ -116,15 +116,26 @@ def _build(cc: str) -> Path:
     return lib
 
 
+class QuantProjection(ctypes.Structure):
+    """A quantized projection for kernels/decode_layer.c (struct ember_qproj): its QUANT_FORMATS
+    number, blocks, i8 row scales and bias (None: none)."""
+
+    _fields_ = [("fmt", ctypes.c_int64), ("w", ctypes.c_void_p), ("rscale", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p)]
+
+
 class LayerWeights(ctypes.Structure):
     """A decoder layer's weights (fp32, row-major contiguous; None: no bias) and shapes, as
-    kernels/decode_layer.c's struct ember_layer. Holds addresses only: whoever builds one keeps
-    the tensors alive and checks they are still the layer's (ember/engine/fused_layer.py)."""
+    kernels/decode_layer.c's struct ember_layer; with quant=1, its projections q, k, v, o, gate,
+    up, down are the quantized `proj` instead of the fp32 wqkv .. bdown. Holds addresses only:
+    whoever builds one keeps the tensors alive and checks they are still the layer's
+    (ember/engine/fused_layer.py)."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("norm1", "wqkv", "bqkv", "wo", "bo", "norm2", "wgu", "bgu", "wdown", "bdown")] + \
                [(name, ctypes.c_int64) for name in ("D", "H", "Hkv", "hd", "I", "window")] + \
-               [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
+               [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")] + \
+               [("quant", ctypes.c_int64), ("proj", QuantProjection * 7)]
 
 
 @lru_cache(maxsize=1)
@@ -151,6 +162,12 @@ def _library() -> ctypes.CDLL | None:
     lib.ember_prefill_attention.argtypes = [p, i64, i64] * 3 + [i64] * 7 + [ctypes.c_float, p, i64, p]
     lib.ember_linear.restype = None
     lib.ember_linear.argtypes = [p] * 4 + [i64] * 3 + [p]
+    lib.ember_qlinear_scratch.restype = i64
+    lib.ember_qlinear_scratch.argtypes = [i64] * 3
+    lib.ember_qlinear.restype = None
+    lib.ember_qlinear.argtypes = [i64] + [p] * 5 + [i64] * 3 + [p]
+    lib.ember_qdequant.restype = None
+    lib.ember_qdequant.argtypes = [i64, p, p, i64, i64, p]
     lib.ember_rms_norm.restype = None
     lib.ember_rms_norm.argtypes = [p] * 3 + [i64] * 2 + [ctypes.c_float]
     lib.ember_rope.restype = None
@@ -291,6 +308,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                 y.data_ptr(), rows, out_features, in_features, 0 if xt is None else xt.data_ptr())
         return y.view(*x.shape[:-1], out_features)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+# kernels/quant_linear.c's weight formats: bytes per block of 32 weights (i8: per-row scale, no blocks).
+QUANT_FORMATS = {"i8": 0, "q8_0": 1, "q4_0": 2, "q4_1": 3, "q4z": 4, "nf4": 5}
+QUANT_BLOCK_BYTES = {"i8": 32, "q8_0": 34, "q4_0": 18, "q4_1": 20, "q4z": 20, "nf4": 20}
+
+
+def quant_linear(fmt: str, data: torch.Tensor, rscale: torch.Tensor | None, bias: torch.Tensor | None,
+                 x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (M, K) @ dequant(data)^T + bias through kernels/quant_linear.c, for 1..MAX_LINEAR_ROWS rows.
+
+    The caller (ember/quant/native_layout.py) guarantees what the kernel reads: data uint8
+    (out_features, row bytes of `fmt` at K) contiguous on CPU, rscale fp32 (out_features,) for
+    "i8", bias fp32 contiguous or None, x fp32 (M, K) contiguous with K a multiple of 32 for the
+    blocked formats, and the kernels available.
+    """
+    rows, K = x.shape
+    lib = _library()
+    scratch = torch.empty(int(lib.ember_qlinear_scratch(rows, K, threads())), dtype=torch.float32)
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    lib.ember_qlinear(QUANT_FORMATS[fmt], data.data_ptr(), 0 if rscale is None else rscale.data_ptr(),
+                      0 if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), rows, out_features, K,
+                      scratch.data_ptr())
+    return y
+
+
+def quant_dequantize(fmt: str, data: torch.Tensor, rscale: torch.Tensor | None, K: int) -> torch.Tensor:
+    """The fp32 (rows, K) weight that quant_linear multiplies with, for data (rows, row bytes) as
+    quant_linear takes it (rows may be a contiguous slice of a weight, rscale its slice)."""
+    out = torch.empty(data.shape[0], K, dtype=torch.float32)
+    _library().ember_qdequant(QUANT_FORMATS[fmt], data.data_ptr(), 0 if rscale is None else rscale.data_ptr(),
+                              data.shape[0], K, out.data_ptr())
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -3,12 +3,19 @@
 Each keeps its weight packed in memory and computes y = x W^T + b from it, so the model runs
 unchanged under `ember.generate`, the serving engine and perplexity evaluation:
 
-  Int8Linear        int8 weight + fp32 row absmax (bitsandbytes LLM.int8 layout), fused CPU
-                    int8 matmul when PyTorch has one
+  Int8Linear        int8 weight + fp32 row absmax (bitsandbytes LLM.int8 layout); on the
+                    PyTorch path, its fused CPU int8 matmul when it has one
   NF4Linear         NF4 codes, two per byte + absmax / double-quantized state (bitsandbytes
                     Linear4bit layout); dequantized on the fly
   GroupQuantLinear  2/3/4/8-bit group-wise codes in the AutoGPTQ v1 (`layout="gptq"`) or AutoAWQ
                     GEMM (`layout="awq"`) tensors; dequantized on the fly
+  (GGUFLinear, raw GGUF Q8_0 / Q4_0 / Q4_1 blocks, is in gguf_linear.py; QUANT_LINEARS lists all.)
+
+On CPU in fp32 without autograd, each computes through the native quantized kernels
+(ember/engine/kernels/quant_linear.c; the weight stays quantized, repacked once where its
+format needs it, see native_layout.py): up to 128 rows by dequantizing in registers, more rows
+(prefill) by dequantizing a chunk of output rows at a time for BLAS. Elsewhere, or without the
+kernels, it dequantizes in PyTorch and multiplies (the reference the kernels are tested against).
 
 Their `state_dict()` holds exactly the tensors of the Hugging Face checkpoint formats, so
 `ember.save_model` writes them unchanged. Weights are buffers: they never receive gradients,
@@ -28,38 +35,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ember.quant.base import QuantLinear, bias_param
+from ember.quant.gguf_linear import GGUFLinear
 from ember.quant.int8 import dequantize_int8, int8_matmul, quantize_int8
+from ember.quant.native_layout import PackedWeight, pack_group, pack_int8, pack_nf4
 from ember.quant.nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Weight, dequantize_nf4, dynamic_map, quantize_nf4
 from ember.quant.packing import pack_awq, pack_cols, pack_rows, packed_length, unpack_awq, unpack_cols, unpack_rows
 from ember.quant.rtn import GroupQuantized, check_bits, num_groups
 
 
-def _bias_param(linear_bias: torch.Tensor | None) -> nn.Parameter | None:
-    if linear_bias is None:
-        return None
-    return nn.Parameter(linear_bias.detach().clone(), requires_grad=False)
-
-
-class _QuantLinear(nn.Module):
-    """Shared shape attributes and bias handling (the bias stays in floating point)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense (out, in) weight this layer computes with."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class Int8Linear(_QuantLinear):
+class Int8Linear(QuantLinear):
     """Weight-only INT8, per output channel (state: `weight` int8, `SCB` fp32 row absmax)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -73,17 +58,26 @@ class Int8Linear(_QuantLinear):
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
         m.weight, m.SCB = quantize_int8(linear.weight)
-        m.bias = _bias_param(linear.bias)
+        m.bias = bias_param(linear.bias)
         return m.to(linear.weight.device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.weight, self.SCB, dtype)
 
+    def _pack_sources(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.SCB
+
+    def _pack(self) -> PackedWeight | None:
+        return pack_int8(self.weight, self.SCB)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.data_ptr() % 64:
-            # PyTorch's CPU int8 kernel crashes on weights not 64-byte aligned, as tensors read
-            # from a safetensors file can be; a fresh allocation is aligned.
+            # PyTorch's CPU int8 kernel (the reference path) crashes on weights not 64-byte
+            # aligned, as tensors read from a safetensors file can be; a fresh allocation is aligned.
             self.weight = self.weight.clone()
+        return super().forward(x)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         if self._unit_scale is None or self._unit_scale.device != self.weight.device:
             self._unit_scale = torch.ones(self.out_features, dtype=torch.bfloat16, device=self.weight.device)
         return int8_matmul(x, self.weight, self.SCB, self.bias, self._unit_scale)
@@ -101,7 +95,7 @@ class Int8Linear(_QuantLinear):
                                       unexpected_keys, error_msgs)
 
 
-class NF4Linear(_QuantLinear):
+class NF4Linear(QuantLinear):
     """NF4 weight with bitsandbytes' state, optionally double-quantized (QLoRA's frozen base).
 
     Build it from a trained layer with `NF4Linear.from_linear(linear, double_quant=True)`.
@@ -127,7 +121,7 @@ class NF4Linear(_QuantLinear):
         m.weight, m.absmax = w4.packed, w4.absmax
         if double_quant:
             m.nested_absmax, m.offset = w4.nested_absmax, w4.offset
-        m.bias = _bias_param(linear.bias)
+        m.bias = bias_param(linear.bias)
         return m.to(linear.weight.device)
 
     def nf4_weight(self) -> NF4Weight:
@@ -137,6 +131,12 @@ class NF4Linear(_QuantLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_nf4(self.nf4_weight(), dtype)
+
+    def _pack_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight, self.absmax, self.nested_absmax) if self.double_quant else (self.weight, self.absmax)
+
+    def _pack(self) -> PackedWeight | None:
+        return pack_nf4(self.nf4_weight())
 
     # bitsandbytes / transformers serialise Linear4bit as `weight` plus `weight.<state>` tensors,
     # the non-tensor state packed as JSON bytes.
@@ -200,7 +200,7 @@ class NF4Linear(_QuantLinear):
         return super().extra_repr() + f", blocksize={self.blocksize}, double_quant={self.double_quant}"
 
 
-class GroupQuantLinear(_QuantLinear):
+class GroupQuantLinear(QuantLinear):
     """Group-wise integer weight in the AutoGPTQ v1 or AutoAWQ GEMM tensor layout (see packing.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, bits: int = 4,
@@ -241,7 +241,7 @@ class GroupQuantLinear(_QuantLinear):
             m.qweight = pack_awq(gq.codes.T)
             m.qzeros = pack_awq(gq.zeros)
         m.scales = gq.scales.half()
-        m.bias = _bias_param(bias)
+        m.bias = bias_param(bias)
         return m.to(gq.codes.device)
 
     def group_quantized(self) -> GroupQuantized:
@@ -268,6 +268,14 @@ class GroupQuantLinear(_QuantLinear):
         w_t = (codes - zeros[g]).float() * self.scales.float()[g]  # (in, out)
         return w_t.T.to(dtype)
 
+    def _pack_sources(self) -> tuple[torch.Tensor, ...]:
+        if self.layout == "gptq":
+            return self.qweight, self.qzeros, self.scales, self.g_idx
+        return self.qweight, self.qzeros, self.scales
+
+    def _pack(self) -> PackedWeight | None:
+        return pack_group(self.group_quantized())
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         # AutoGPTQ writes an fp16 bias for every layer, zeros where the model has none.
@@ -281,7 +289,7 @@ class GroupQuantLinear(_QuantLinear):
         return super().extra_repr() + f", bits={self.bits}, group_size={self.group_size}, layout={self.layout}"
 
 
-QUANT_LINEARS = (Int8Linear, NF4Linear, GroupQuantLinear)
+QUANT_LINEARS = (Int8Linear, NF4Linear, GroupQuantLinear, GGUFLinear)
 
 
 def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:

@@ -15,17 +15,37 @@
  *
  * Keys and values are written into the pool at slot_rows first; every query attends over its
  * own blocks (tables, lens: as ember_paged_decode).
+ *
+ * A quantized layer (quant != 0) multiplies by its seven projections through quant_linear.c
+ * instead, q, k, v writing side by side into the q|k|v rows and gate, up into the gate|up rows,
+ * so the steps between are the same.
  */
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels.h"
 
+/* A quantized projection: its quant_linear.c format, blocks, I8 row scales, bias (NULL: none). */
+struct ember_qproj {
+    int64_t fmt;
+    const uint8_t *w;
+    const float *rscale, *bias;
+};
+
+enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
+
 /* A layer's weights (all fp32, row-major contiguous; a NULL bias is none) and shapes. The same
- * layout as ember/engine/native.py's LayerWeights. */
+ * layout as ember/engine/native.py's LayerWeights. With quant != 0 the projections are proj[]
+ * (q, k, v, o, gate, up, down; every input width a multiple of 32 unless I8) and wqkv .. bdown
+ * are unused. */
 struct ember_layer {
     const float *norm1, *wqkv, *bqkv, *wo, *bo, *norm2, *wgu, *bgu, *wdown, *bdown;
     int64_t D, H, Hkv, hd, I, window;
     float eps1, eps2, scale;
+    int64_t quant;
+    struct ember_qproj proj[7];
 };
 
 static int64_t max3(int64_t a, int64_t b, int64_t c) {
@@ -33,10 +53,22 @@ static int64_t max3(int64_t a, int64_t b, int64_t c) {
     return m > c ? m : c;
 }
 
-/* Floats of the `work` buffer ember_decode_layer needs for M rows. */
+/* Floats of the `work` buffer ember_decode_layer needs for M rows (on the OpenMP pool's threads). */
 int64_t ember_decode_layer_work(const struct ember_layer *L, int64_t M) {
-    const int64_t qd = L->H * L->hd, kd = L->Hkv * L->hd, Mp = (M + 7) / 8 * 8;
-    return M * (L->D + (qd + 2 * kd) + qd + kd + qd + L->D + 2 * L->I + L->I) + max3(L->D, qd, L->I) * Mp;
+    const int64_t qd = L->H * L->hd, kd = L->Hkv * L->hd, Mp = (M + 7) / 8 * 8, K = max3(L->D, qd, L->I);
+#ifdef _OPENMP
+    const int64_t threads = omp_get_max_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    const int64_t scratch = L->quant ? ember_qlinear_scratch(M, K, threads) : K * Mp;
+    return M * (L->D + (qd + 2 * kd) + qd + kd + qd + L->D + 2 * L->I + L->I) + (scratch > K * Mp ? scratch : K * Mp);
+}
+
+/* y (row stride ldy) = x (M, K) @ projection p (N outputs), on the calling team. */
+static void qproj(const struct ember_qproj *p, const float *x, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
+                  float *scratch) {
+    ember_qlinear_team(p->fmt, p->w, p->rscale, p->bias, x, y, ldy, M, N, K, scratch);
 }
 
 void ember_decode_layer(const struct ember_layer *L, const float *x, float *out, int64_t M, const float *cos,
@@ -53,21 +85,38 @@ void ember_decode_layer(const struct ember_layer *L, const float *x, float *out,
 #pragma omp parallel num_threads(threads)
     {
         ember_rms_norm_team(x, L->norm1, h, M, D, L->eps1);
-        ember_linear_team(h, L->wqkv, L->bqkv, qkv, M, nqkv, D, xt);
+        if (L->quant) {
+            qproj(&L->proj[P_Q], h, qkv, nqkv, M, qd, D, xt);
+            qproj(&L->proj[P_K], h, qkv + qd, nqkv, M, kd, D, xt);
+            qproj(&L->proj[P_V], h, qkv + qd + kd, nqkv, M, kd, D, xt);
+        } else {
+            ember_linear_team(h, L->wqkv, L->bqkv, qkv, M, nqkv, D, xt);
+        }
         ember_rope_team(qkv, M, H, hd, nqkv, hd, cos, sin, q);
         ember_rope_team(qkv + qd, M, Hkv, hd, nqkv, hd, cos, sin, k);
         ember_kv_write(kpool, k, slot_rows, M, Hkv, hd, kd, hd, kind);
         ember_kv_write(vpool, qkv + qd + kd, slot_rows, M, Hkv, hd, nqkv, hd, kind);
         ember_paged_decode_team(q, kpool, vpool, tables, lens, M, W, H, Hkv, hd, bs, L->scale, L->window, scratch,
                                 kind, att);
-        ember_linear_team(att, L->wo, L->bo, proj, M, D, qd, xt);
+        if (L->quant)
+            qproj(&L->proj[P_O], att, proj, D, M, D, qd, xt);
+        else
+            ember_linear_team(att, L->wo, L->bo, proj, M, D, qd, xt);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * D; i++) out[i] = x[i] + proj[i];
 
         ember_rms_norm_team(out, L->norm2, h, M, D, L->eps2);
-        ember_linear_team(h, L->wgu, L->bgu, gu, M, 2 * I, D, xt);
+        if (L->quant) {
+            qproj(&L->proj[P_GATE], h, gu, 2 * I, M, I, D, xt);
+            qproj(&L->proj[P_UP], h, gu + I, 2 * I, M, I, D, xt);
+        } else {
+            ember_linear_team(h, L->wgu, L->bgu, gu, M, 2 * I, D, xt);
+        }
         ember_silu_mul_team(gu, gu + I, M, I, 2 * I, act);
-        ember_linear_team(act, L->wdown, L->bdown, proj, M, D, I, xt);
+        if (L->quant)
+            qproj(&L->proj[P_DOWN], act, proj, D, M, D, I, xt);
+        else
+            ember_linear_team(act, L->wdown, L->bdown, proj, M, D, I, xt);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * D; i++) out[i] += proj[i];
     }

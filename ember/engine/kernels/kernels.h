@@ -10,8 +10,16 @@
 
 #include <stdint.h>
 
+/* Weight rows of linear.c's tiles, the most ember_linear_panel takes. */
+#define EMBER_PANEL_ROWS 6
+
 void ember_linear_team(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N,
                        int64_t K, float *xt);
+void ember_linear_panel(const float *xt, int64_t Mp, int64_t M, const float *w, const float *bias, int64_t K,
+                        float *y, int64_t N, int nr);
+int64_t ember_qlinear_scratch(int64_t M, int64_t K, int64_t threads);
+void ember_qlinear_team(int64_t fmt, const uint8_t *W, const float *rscale, const float *bias, const float *x,
+                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float *scratch);
 void ember_rms_norm_team(const float *x, const float *weight, float *y, int64_t B, int64_t D, float eps);
 void ember_rope_team(const float *restrict x, int64_t N, int64_t H, int64_t D, int64_t sn, int64_t sh,
                      const float *restrict cos, const float *restrict sin, float *restrict out);

@@ -29,6 +29,8 @@
  * thread.
  */
 #include <stdint.h>
+
+#include "kernels.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -83,7 +85,7 @@ static void matvec(const float *x, const float *W, const float *bias, float *y, 
 
 /* ---- several rows --------------------------------------------------------------------------- */
 /* 6 x 2 accumulators + 2 x vectors + 1 broadcast = 15 of AVX2's 16 vector registers. */
-#define NR 6  /* weight rows per tile */
+#define NR EMBER_PANEL_ROWS  /* weight rows per tile (6) */
 #define MV 2  /* vectors of 8 x rows per tile */
 
 /* One tile: y[m0 .. m0 + 8 mv) x [n .. n + nr) with w = W + n K, y and bias already offset by n.
@@ -148,6 +150,23 @@ static void tiled(const float *x, const float *W, const float *bias, float *y, i
                 TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1)
                 TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2)
             }
+        }
+    }
+}
+
+/* y[., 0 .. nr) for all M rows from nr <= NR weight rows w (row stride K) already in cache: the
+ * tiles above without prefetch, for quant_linear.c, which dequantizes a panel of a quantized
+ * weight into fp32 and multiplies it here. xt as in tiled (K, Mp); y and bias offset to the
+ * panel's first output; row stride of y is N. */
+void ember_linear_panel(const float *xt, int64_t Mp, int64_t M, const float *w, const float *bias, int64_t K,
+                        float *y, int64_t N, int nr) {
+    const int64_t n = 0;
+    const float *pf = 0;
+    for (int64_t m = 0; m < Mp; m += 8 * MV) {
+        const int mv = (Mp - m) / 8 < MV ? (int)((Mp - m) / 8) : MV;
+        switch (nr * 16 + mv) {
+            TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1)
+            TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2)
         }
     }
 }

@@ -1,0 +1,338 @@
+/* Quantized linear layers over a few rows (decode, small batches) on CPU: ember/engine/native.py
+ * builds and loads this file; the quantized modules of ember/quant (linear.py, gguf_linear.py,
+ * their layouts in native_layout.py) call it through native.quant_linear.
+ *
+ *   y (M, N) = x (M, K) @ dequant(W)^T + bias           bias may be NULL
+ *
+ * The weight stays quantized in memory: row after row, each row a run of blocks of 32 weights
+ * with their scale(s) beside them, so that a row streams from one place:
+ *
+ *   fmt  name  bytes/block  a weight is      block layout
+ *   0    I8    32 (no scale) q * rscale[n]    int8 q[32]; rows of any K (ember's per-channel INT8)
+ *   1    Q8_0  34            d * q            fp16 d, int8 q[32]                (GGUF, as stored)
+ *   2    Q4_0  18            d * (q - 8)      fp16 d, 16 bytes of 4-bit q       (GGUF, as stored)
+ *   3    Q4_1  20            d * q + m        fp16 d, fp16 m, 16 bytes          (GGUF, as stored)
+ *   4    Q4Z   20            d * (q - z)      fp16 d, int8 z, 1 spare, 16 bytes (GPTQ/AWQ/RTN, repacked)
+ *   5    NF4   20            a * NF4[q]       fp32 a, 16 bytes                  (bitsandbytes, repacked)
+ *
+ * 4-bit blocks keep GGUF's nibble order: byte j holds weight j in its low nibble, j + 16 in
+ * its high one. K of the blocked formats is a multiple of 32 (the caller pads x with zeros).
+ *
+ * Arithmetic: the activations stay fp32 and each block is dequantized in registers to fp32
+ * (integers converted exactly, then scaled) and multiplied with FMA, so a product differs from
+ * the dequantize-then-matmul reference only in the order of its fp32 additions and greedy
+ * tokens stay those of the PyTorch path. Quantizing the activations to int8 for integer dot
+ * products, as llama.cpp does, would round every activation to 8 bits (an error the reference
+ * does not have) in exchange for fewer instructions per weight. The price of fp32 is compute:
+ * measured at batch 1 on one core of the development machine (weights streamed from beyond the
+ * caches), I8 / Q8_0 reach ~9-10 G weights/s, the 4-bit formats ~11-13, NF4 ~7 (its table
+ * lookup), against ~3.5 for fp32 at 14 GB/s: a core converts slower than memory delivers the
+ * 4-bit bytes, so these kernels gain on fp32 with every core added until memory binds.
+ *
+ * Two strategies, as kernels/linear.c:
+ *   one row    four weight rows at a time: the x block is loaded once, each row's block decoded
+ *              to four vectors of eight fp32, dotted with it, and the block's sum scaled into a
+ *              vector accumulator; Q4_1's offset adds m * sum(x block), the block sums of x
+ *              computed once per call. Rows 8 ahead are prefetched.
+ *   2+ rows    a panel of EMBER_PANEL_ROWS weight rows is dequantized into fp32 scratch (per
+ *              thread, cache-resident) and multiplied with every x row by linear.c's tile kernel
+ *              (x transposed once). The panel's values are exactly the reference's dequantized
+ *              weights, so the results are those of the fp32 kernel on them, bit for bit.
+ * Output rows are spread over torch's OpenMP threads; each output is computed by one thread in
+ * a fixed order, so results do not depend on the thread count.
+ *
+ * The decoders use AVX2 (and F16C for the fp16 scales) where the compiler targets them, else
+ * portable C that computes the same values.
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+typedef float vf __attribute__((vector_size(32), aligned(4))); /* aligned(4): unaligned loads */
+
+enum { F_I8, F_Q8_0, F_Q4_0, F_Q4_1, F_Q4Z, F_NF4 };
+
+/* Bytes per block of 32 weights. */
+static inline int64_t block_bytes(const int fmt) {
+    return fmt == F_I8 ? 32 : fmt == F_Q8_0 ? 34 : fmt == F_Q4_0 ? 18 : 20;
+}
+
+/* Bytes of one weight row of K weights. */
+static inline int64_t row_bytes(const int fmt, int64_t K) {
+    return fmt == F_I8 ? K : K / 32 * block_bytes(fmt);
+}
+
+/* bitsandbytes' NF4 values, as fp32 bit patterns (ember/quant/nf4.py's NF4_CODE). */
+static const float NF4[16] = {
+    -0x1.0p+0f, -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.946540p-2f, -0x1.23449ap-2f, -0x1.7a6a7ep-3f,
+    -0x1.74f0e2p-4f, 0.0f, 0x1.45f5fep-4f, 0x1.4995c6p-3f, 0x1.f809bap-3f, 0x1.5a0674p-2f,
+    0x1.c34970p-2f, 0x1.200f56p-1f, 0x1.722766p-1f, 0x1.0p+0f};
+
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f)
+        bits = sign | 0x7f800000u | man << 13;
+    else if (exp)
+        bits = sign | (exp + 112) << 23 | man << 13;
+    else if (man == 0)
+        bits = sign;
+    else { /* subnormal half: normal in fp32 */
+        uint32_t m = man, shift = 0;
+        while (!(m & 0x400)) m <<= 1, shift++;
+        bits = sign | (113 - shift) << 23 | (m & 0x3ff) << 13;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* One block's 32 weights before scaling, in order, as four vectors of eight (exact integers or
+ * NF4 values); *d its scale (1 for I8, whose scale is per row), *m Q4_1's offset. fmt is a
+ * constant at every call site, so each format compiles to its own straight-line code. */
+static inline __attribute__((always_inline)) void decode(const int fmt, const uint8_t *b, vf w[4], float *d,
+                                                         float *m) {
+#ifdef __AVX2__
+    if (fmt == F_I8 || fmt == F_Q8_0) {
+        const uint8_t *q = fmt == F_I8 ? b : b + 2;
+        for (int i = 0; i < 4; i++)
+            w[i] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i))));
+    } else {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(b + (fmt == F_Q4_0 ? 2 : 4)));
+        const __m128i m4 = _mm_set1_epi8(0x0f);
+        __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+        if (fmt == F_Q4_0 || fmt == F_Q4Z) {
+            const __m128i z = _mm_set1_epi8(fmt == F_Q4_0 ? 8 : (int8_t)b[2]);
+            lo = _mm_sub_epi8(lo, z);
+            hi = _mm_sub_epi8(hi, z);
+        }
+        const __m128i part[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+        if (fmt == F_NF4) {
+            /* 16-entry lookup: the low three bits pick within each half of the table, bit 3
+             * (moved to the sign bit) picks the half. */
+            const __m256 t0 = _mm256_loadu_ps(NF4), t1 = _mm256_loadu_ps(NF4 + 8);
+            for (int i = 0; i < 4; i++) {
+                const __m256i idx = _mm256_cvtepu8_epi32(part[i]);
+                w[i] = (vf)_mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+            }
+        } else {
+            for (int i = 0; i < 4; i++) w[i] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[i]));
+        }
+    }
+#else
+    float t[32];
+    if (fmt == F_I8 || fmt == F_Q8_0) {
+        const int8_t *q = (const int8_t *)(fmt == F_I8 ? b : b + 2);
+        for (int i = 0; i < 32; i++) t[i] = (float)q[i];
+    } else {
+        const uint8_t *q = b + (fmt == F_Q4_0 ? 2 : 4);
+        const int z = fmt == F_Q4_0 ? 8 : fmt == F_Q4Z ? (int8_t)b[2] : 0;
+        for (int j = 0; j < 16; j++) {
+            const int lo = q[j] & 0x0f, hi = q[j] >> 4;
+            t[j] = fmt == F_NF4 ? NF4[lo] : (float)(lo - z);
+            t[j + 16] = fmt == F_NF4 ? NF4[hi] : (float)(hi - z);
+        }
+    }
+    memcpy(w, t, sizeof t);
+#endif
+    if (fmt == F_I8)
+        *d = 1.0f;
+    else if (fmt == F_NF4)
+        memcpy(d, b, 4);
+    else
+        *d = half_to_float(b);
+    *m = fmt == F_Q4_1 ? half_to_float(b + 2) : 0.0f;
+}
+
+static inline float hsum(vf a) {
+    float s = 0.0f;
+    for (int i = 0; i < 8; i++) s += a[i];
+    return s;
+}
+
+/* ---- one row ------------------------------------------------------------------------------ */
+#define GROUP 4    /* weight rows per pass, sharing each x block */
+#define AHEAD 8    /* prefetch distance in weight rows */
+#define PARALLEL_MIN (1 << 16) /* multiply-adds below which a product stays on one thread */
+
+/* out[r] = x . row r of w (unscaled by I8's row scale), r < R. pf: the same place R rows ahead
+ * of each row, prefetched (NULL: none). */
+static inline __attribute__((always_inline)) void dot_rows(const int fmt, const int R, const uint8_t *w, int64_t rb,
+                                                           const float *x, const float *xsum, int64_t K,
+                                                           const uint8_t *pf, float *out) {
+    const int64_t bb = block_bytes(fmt), nb = K / 32;
+    vf acc[GROUP];
+    float off[GROUP];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r] = (vf){0}, off[r] = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const vf *xb = (const vf *)(x + 32 * b);
+        const vf x0 = xb[0], x1 = xb[1], x2 = xb[2], x3 = xb[3];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            if (pf) __builtin_prefetch(pf + r * rb + b * bb, 0, 2);
+            vf q[4];
+            float d, m;
+            decode(fmt, w + r * rb + b * bb, q, &d, &m);
+            const vf s = q[0] * x0 + q[1] * x1 + q[2] * x2 + q[3] * x3;
+            if (fmt == F_I8)
+                acc[r] += s;
+            else
+                acc[r] += s * d;
+            if (fmt == F_Q4_1) off[r] += m * xsum[b];
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        float a = hsum(acc[r]) + off[r];
+        if (fmt == F_I8) /* rows of any length: the last K % 32 weights */
+            for (int64_t t = nb * 32; t < K; t++) a += x[t] * (float)(int8_t)w[r * rb + t];
+        out[r] = a;
+    }
+}
+
+static inline __attribute__((always_inline)) void matvec(const int fmt, const uint8_t *W, const float *rscale,
+                                                         const float *bias, const float *x, float *y, int64_t N,
+                                                         int64_t K, float *xsum) {
+    const int64_t rb = row_bytes(fmt, K), groups = (N + GROUP - 1) / GROUP;
+    if (fmt == F_Q4_1) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < K / 32; b++) {
+            float s = 0.0f;
+            for (int i = 0; i < 32; i++) s += x[32 * b + i];
+            xsum[b] = s;
+        }
+    }
+#pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < groups; gi++) {
+        const int64_t n0 = gi * GROUP;
+        const uint8_t *w = W + n0 * rb;
+        float out[GROUP];
+        int R = GROUP;
+        if (n0 + GROUP <= N) {
+            dot_rows(fmt, GROUP, w, rb, x, xsum, K, n0 + AHEAD + GROUP <= N ? w + AHEAD * rb : 0, out);
+        } else {
+            R = (int)(N - n0);
+            for (int r = 0; r < R; r++) dot_rows(fmt, 1, w + r * rb, rb, x, xsum, K, 0, out + r);
+        }
+        for (int r = 0; r < R; r++) {
+            float v = fmt == F_I8 ? out[r] * rscale[n0 + r] : out[r];
+            y[n0 + r] = bias ? v + bias[n0 + r] : v;
+        }
+    }
+}
+
+/* ---- several rows --------------------------------------------------------------------------- */
+/* Rows [0, nr) of w dequantized into out (nr, K) fp32: the reference's values exactly (integer
+ * times scale, or Q4_1's d * q + m with the exact product rounded once). */
+static inline __attribute__((always_inline)) void dequant_rows(const int fmt, const uint8_t *w, int64_t rb,
+                                                               const float *rscale, int64_t nr, int64_t K,
+                                                               float *out) {
+    const int64_t bb = block_bytes(fmt), nb = K / 32;
+    for (int64_t r = 0; r < nr; r++) {
+        const uint8_t *row = w + r * rb;
+        float *o = out + r * K;
+        const float s = fmt == F_I8 ? rscale[r] : 1.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            vf q[4];
+            float d, m;
+            decode(fmt, row + b * bb, q, &d, &m);
+            vf *ob = (vf *)(o + 32 * b);
+            for (int i = 0; i < 4; i++)
+                ob[i] = fmt == F_I8 ? q[i] * s : fmt == F_Q4_1 ? q[i] * d + m : q[i] * d;
+        }
+        if (fmt == F_I8)
+            for (int64_t t = nb * 32; t < K; t++) o[t] = (float)(int8_t)row[t] * s;
+    }
+}
+
+static inline __attribute__((always_inline)) void tiled(const int fmt, const uint8_t *W, const float *rscale,
+                                                        const float *bias, const float *x, float *y, int64_t ldy,
+                                                        int64_t M, int64_t N, int64_t K, float *scratch) {
+    const int64_t rb = row_bytes(fmt, K), Mp = (M + 7) / 8 * 8, tiles = (N + EMBER_PANEL_ROWS - 1) / EMBER_PANEL_ROWS;
+    float *xt = scratch;
+#ifdef _OPENMP
+    float *panel = scratch + K * Mp + (int64_t)omp_get_thread_num() * EMBER_PANEL_ROWS * K;
+#else
+    float *panel = scratch + K * Mp;
+#endif
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * K + k] : 0.0f;
+#pragma omp for schedule(static)
+    for (int64_t ti = 0; ti < tiles; ti++) {
+        const int64_t n = ti * EMBER_PANEL_ROWS;
+        const int nr = N - n < EMBER_PANEL_ROWS ? (int)(N - n) : EMBER_PANEL_ROWS;
+        dequant_rows(fmt, W + n * rb, rb, fmt == F_I8 ? rscale + n : 0, nr, K, panel);
+        ember_linear_panel(xt, Mp, M, panel, bias ? bias + n : 0, K, y + n, ldy, nr);
+    }
+}
+
+static inline __attribute__((always_inline)) void qlinear(const int fmt, const uint8_t *W, const float *rscale,
+                                                          const float *bias, const float *x, float *y, int64_t ldy,
+                                                          int64_t M, int64_t N, int64_t K, float *scratch) {
+    if (M == 1)
+        matvec(fmt, W, rscale, bias, x, y, N, K, scratch);
+    else
+        tiled(fmt, W, rscale, bias, x, y, ldy, M, N, K, scratch);
+}
+
+/* ---- entry points ------------------------------------------------------------------------------ */
+/* Floats of the scratch ember_qlinear needs for M rows of K on `threads` threads. */
+int64_t ember_qlinear_scratch(int64_t M, int64_t K, int64_t threads) {
+    return M == 1 ? K / 32 + 1 : K * ((M + 7) / 8 * 8) + threads * EMBER_PANEL_ROWS * K;
+}
+
+/* On the calling team (see ember_linear_team in linear.c). rscale: I8's per-row scales (else
+ * unused); ldy: the row stride of y (decode_layer.c writes q, k, v side by side); scratch:
+ * ember_qlinear_scratch(M, K, team size) floats. */
+void ember_qlinear_team(int64_t fmt, const uint8_t *W, const float *rscale, const float *bias, const float *x,
+                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float *scratch) {
+    switch (fmt) {
+    case F_I8: qlinear(F_I8, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_Q8_0: qlinear(F_Q8_0, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_Q4_0: qlinear(F_Q4_0, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_Q4_1: qlinear(F_Q4_1, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_Q4Z: qlinear(F_Q4Z, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_NF4: qlinear(F_NF4, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    }
+}
+
+void ember_qlinear(int64_t fmt, const uint8_t *W, const float *rscale, const float *bias, const float *x, float *y,
+                   int64_t M, int64_t N, int64_t K, float *scratch) {
+#pragma omp parallel if (M * N * K >= PARALLEL_MIN)
+    ember_qlinear_team(fmt, W, rscale, bias, x, y, N, M, N, K, scratch);
+}
+
+static inline __attribute__((always_inline)) void dequant(const int fmt, const uint8_t *W, const float *rscale,
+                                                          int64_t N, int64_t K, float *out) {
+    const int64_t rb = row_bytes(fmt, K);
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN)
+    for (int64_t n = 0; n < N; n++) dequant_rows(fmt, W + n * rb, rb, fmt == F_I8 ? rscale + n : 0, 1, K, out + n * K);
+}
+
+/* out (N, K) fp32 = the dequantized weight (prefill multiplies it with BLAS). */
+void ember_qdequant(int64_t fmt, const uint8_t *W, const float *rscale, int64_t N, int64_t K, float *out) {
+    switch (fmt) {
+    case F_I8: dequant(F_I8, W, rscale, N, K, out); break;
+    case F_Q8_0: dequant(F_Q8_0, W, rscale, N, K, out); break;
+    case F_Q4_0: dequant(F_Q4_0, W, rscale, N, K, out); break;
+    case F_Q4_1: dequant(F_Q4_1, W, rscale, N, K, out); break;
+    case F_Q4Z: dequant(F_Q4Z, W, rscale, N, K, out); break;
+    case F_NF4: dequant(F_NF4, W, rscale, N, K, out); break;
+    }
+}
