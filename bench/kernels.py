@@ -25,7 +25,8 @@ contenders on the same torch threads (the native kernels run on torch's own Open
              across layers.
 3. quant     batch-1 greedy decode tok/s through the engine (LLM, temperature 0, one sequence):
              the fp32 model (native kernels) against the same model after ember.quant INT8
-             (Int8Linear: PyTorch's fused int8-weight kernel, bf16 activations); the naive
+             (Int8Linear: ember's native int8 kernel over 1-128 rows, kernels/quant_linear.c,
+             fp32 activations); the naive
              decoder (ember.generate, row-major fp32 matmuls) is timed alongside, as the README's
              "INT8 1.56x fp32" was measured against it.
 

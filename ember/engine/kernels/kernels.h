@@ -15,6 +15,8 @@
 
 void ember_linear_team(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N,
                        int64_t K, float *xt);
+/* x (M, K) -> xt (K, Mp), rows past M zero: the layout linear.c's tiles read x in. */
+void ember_transpose_rows_team(const float *x, int64_t M, int64_t K, int64_t Mp, float *xt);
 void ember_linear_panel(const float *xt, int64_t Mp, int64_t M, const float *w, const float *bias, int64_t K,
                         float *y, int64_t N, int nr);
 int64_t ember_qlinear_scratch(int64_t M, int64_t K, int64_t threads);

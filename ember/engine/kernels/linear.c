@@ -129,14 +129,18 @@ static inline __attribute__((always_inline)) void tile(const float *xt, int64_t 
 #define TILE(a, b) \
     case (a) * 16 + (b): tile(xt, Mp, w, bias ? bias + n : 0, K, y + n, N, m, M, pf, a, b); break;
 
+void ember_transpose_rows_team(const float *x, int64_t M, int64_t K, int64_t Mp, float *xt) {
+    /* Split over the team too: on one thread it was ~4% of a 64-row decode step's products. */
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * K + k] : 0.0f;
+}
+
 static void tiled(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                   float *xt) {
     const int64_t Mp = (M + 7) / 8 * 8;
     const int64_t tiles = (N + NR - 1) / NR;
-    /* The transpose is split too: on one thread it was ~4% of a 64-row decode step's products. */
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < K; k++)
-        for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * K + k] : 0.0f;
+    ember_transpose_rows_team(x, M, K, Mp, xt);
     /* Static: each thread gets one contiguous run of tiles, which its prefetches follow. */
 #pragma omp for schedule(static)
     for (int64_t ti = 0; ti < tiles; ti++) {

@@ -270,9 +270,7 @@ static inline __attribute__((always_inline)) void tiled(const int fmt, const uin
 #else
     float *panel = scratch + K * Mp;
 #endif
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < K; k++)
-        for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * K + k] : 0.0f;
+    ember_transpose_rows_team(x, M, K, Mp, xt);
 #pragma omp for schedule(static)
     for (int64_t ti = 0; ti < tiles; ti++) {
         const int64_t n = ti * EMBER_PANEL_ROWS;
