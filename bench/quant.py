@@ -5,7 +5,7 @@
     python bench/quant.py --model runs/pt/model --quality  # + perplexity / size table, all methods
 
 Speed: every variant decodes `--tokens` tokens greedily at batch 1 with `ember.generate` (the
-naive decoder: row-major fp32 matmuls, not the engine's native kernels; bench/kernels.py times
+naive decoder: row-major fp32 matmuls, not the engine's native kernels; bench/native_kernels.py times
 INT8 against the engine's fp32 path), the variants interleaved for `--rounds` rounds in one
 process (so machine load hits them alike); the median tokens/s of each is compared with fp32's.
 Variants: fp32; INT8 through PyTorch's fused int8-weight CPU kernel (bf16 activations); INT8

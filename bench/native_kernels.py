@@ -1,7 +1,7 @@
 """Attention-kernel micro-benchmark, and INT8 decode against the engine's own fp32 path.
 
-    PYTHONPATH=. .venv/bin/python bench/kernels.py --threads 2
-    PYTHONPATH=. .venv/bin/python bench/kernels.py --threads 2 --only quant --smollm2
+    PYTHONPATH=. .venv/bin/python bench/native_kernels.py --threads 2
+    PYTHONPATH=. .venv/bin/python bench/native_kernels.py --threads 2 --only quant --smollm2
 
 Shapes are bench-50m's attention (8 query heads, 8 KV heads, head_dim 64), fp32 everywhere, all
 contenders on the same torch threads (the native kernels run on torch's own OpenMP pool).
