@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ember.atomic import atomic_write_text
 from ember.eval.datafile import sample_data
 from ember.eval.local_backend import LocalBackend
 from ember.eval.perplexity import PerplexityResult, model_perplexity
@@ -61,8 +62,7 @@ class HeldOut:
 
     def write(self, path: Path) -> Path:
         """The texts as jsonl, for a verb's --eval-data (ember quantize measures them the same way)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in self.texts), encoding="utf-8")
+        atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in self.texts))
         return path
 
     def describe(self) -> str:
