@@ -199,7 +199,8 @@ RAG_FAST_TOPICS = ("while", "for", "break", "continue", "if", "try")
 
 def stage_rag(state: QuickstartState) -> None:
     from ember.engine.llm import LLM
-    from ember.rag import Answer, Index, generate_text, ground, ingest
+    from ember.rag import Index, ingest
+    from ember.rag.answer import ask_index
 
     assert state.model_dir is not None, "the model stage has not run"
     fast = state.cfg.fast
@@ -209,9 +210,7 @@ def stage_rag(state: QuickstartState) -> None:
     with Index.open(state.cfg.out / "rag-index", create=True) as idx:
         report = ingest(idx, paths, progress=not fast)
         print(f"  {report.summary()}")
-        grounded = ground(idx.retriever(), [{"role": "user", "content": RAG_QUESTION}], llm.get_tokenizer(),
-                          context_length=llm.engine.max_model_len, max_tokens=max_tokens)
-    answer = Answer(generate_text(llm, grounded.messages, max_tokens), grounded.sources)
+        grounded, answer = ask_index(llm, idx.retriever(), RAG_QUESTION, max_tokens)
     print(f"  Q: {RAG_QUESTION}")
     for s in answer.sources:
         print(f"  [{s.n}] {s.label()}  (score {s.score:.4f}{', truncated to fit' if s.truncated else ''})")

@@ -148,16 +148,14 @@ def search(cfg: SearchConfig) -> None:
 
 def ask(cfg: AskConfig) -> None:
     from ember.engine.llm import LLM
-    from ember.rag.answer import Answer, generate_text, ground
+    from ember.rag.answer import ask_index
     from ember.rag.index import Index
 
     llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, max_num_seqs=1, kv_cache_memory=cfg.kv_cache_memory)
     params = SearchParams(k=cfg.k, mode=cfg.mode, where=_filters(cfg.where))
     with Index.open(cfg.index) as idx:
-        grounded = ground(idx.retriever(cfg.rerank), [{"role": "user", "content": cfg.question}], llm.get_tokenizer(),
-                          context_length=llm.engine.max_model_len, max_tokens=cfg.max_tokens, params=params)
-    text = generate_text(llm, grounded.messages, cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    answer = Answer(text, grounded.sources)
+        _, answer = ask_index(llm, idx.retriever(cfg.rerank), cfg.question, cfg.max_tokens, params=params,
+                              temperature=cfg.temperature, seed=cfg.seed)
     if cfg.json:
         print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
         return
@@ -198,7 +196,7 @@ RAG_QUESTION = "When is the else clause of a while loop executed?"
 def stage_real_rag(state) -> None:
     """Quickstart stage: `rag ask` with the real model over the index the rag stage built (no re-ingest)."""
     from ember.engine.llm import LLM
-    from ember.rag.answer import Answer, generate_text, ground
+    from ember.rag.answer import ask_index
     from ember.rag.index import Index
 
     real = state.real_model()
@@ -207,9 +205,7 @@ def stage_real_rag(state) -> None:
     max_tokens = 32 if state.cfg.fast else 96
     llm = LLM(real.model, real.tokenizer, max_num_seqs=1, kv_cache_memory=0.25)
     with Index.open(state.cfg.out / "rag-index") as idx:
-        grounded = ground(idx.retriever(), [{"role": "user", "content": RAG_QUESTION}], llm.get_tokenizer(),
-                          context_length=llm.engine.max_model_len, max_tokens=max_tokens)
-    answer = Answer(generate_text(llm, grounded.messages, max_tokens), grounded.sources)
+        grounded, answer = ask_index(llm, idx.retriever(), RAG_QUESTION, max_tokens)
     print(f"  Q: {RAG_QUESTION}")
     print(f"  A ({real.name}, {grounded.prompt_tokens}-token grounded prompt): {answer.text!r}")
     for s in answer.sources:

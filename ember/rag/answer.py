@@ -5,6 +5,7 @@
                       context_length=llm.engine.max_model_len, max_tokens=256)
     text = generate_text(llm, grounded.messages, max_tokens=256)
     answer = Answer(text, grounded.sources)           # answer.cited: the [n] the model used
+    grounded, answer = ask_index(llm, retriever, question, max_tokens=256)   # the three steps in one
 
 The last user message becomes: instructions (answer from the sources, cite them as [1], [2]),
 the sources in rank order, each headed `[n] source — heading path`, then the question; earlier
@@ -138,6 +139,16 @@ def ground(retriever: Retriever, messages: Sequence[Mapping[str, Any]], tokenize
         raise RagError(f"max_tokens {max_tokens} leaves no room for a prompt in a context of {context_length} tokens")
     hits = retriever.search(_question(messages), params or SearchParams())
     return pack_sources(messages, hits, tokenizer, budget)
+
+
+def ask_index(llm: LLM, retriever: Retriever, question: str, max_tokens: int, *,
+              params: SearchParams | None = None, temperature: float = 0.0,
+              seed: int | None = None) -> tuple[Grounded, Answer]:
+    """One grounded question: retrieve, pack the sources into the prompt, generate; (prompt, answer)."""
+    grounded = ground(retriever, [{"role": "user", "content": question}], llm.get_tokenizer(),
+                      context_length=llm.engine.max_model_len, max_tokens=max_tokens, params=params)
+    text = generate_text(llm, grounded.messages, max_tokens, temperature=temperature, seed=seed)
+    return grounded, Answer(text, grounded.sources)
 
 
 def generate_text(llm: LLM, messages: Sequence[Mapping[str, Any]], max_tokens: int, temperature: float = 0.0,
