@@ -19,11 +19,13 @@ The tokenizer in the same file is read by ember/tokenizer/gguf.py.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ember.checkpoint.hf import CheckpointError
 from ember.config import ConfigError, ModelConfig, RopeScaling
@@ -35,6 +37,8 @@ ARCHITECTURES = ("llama", "qwen2")
 # quantization presets produce); the i-quants and ternary types are refused by name.
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+log = logging.getLogger(__name__)
 
 
 class GGUFError(CheckpointError):
@@ -168,8 +172,21 @@ def dequantized(tensor, path: Path) -> np.ndarray:
     return np.array(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
-def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build the Transformer a GGUF file describes and fill it with its dequantized weights."""
+# Block formats the native quantized kernels read as stored (ember/quant/gguf_linear.py); with
+# keep_quantized, other quantized types are requantized to the nearest of them at load.
+KEPT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+REQUANTIZED_TO = "Q8_0"  # for Q5_x and the K-quants: 8 bits keeps their 2-6-bit values within ~0.4 %
+
+
+def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> Transformer:
+    """Build the Transformer a GGUF file describes and fill it with its weights.
+
+    keep_quantized=False dequantizes every tensor to `dtype` (what transformers does).
+    keep_quantized=True keeps Q8_0 / Q4_0 / Q4_1 weights as their blocks (GGUFLinear for the
+    projections and an untied head, GGUFEmbedding for token_embd, a tied head on the embedding's
+    own blocks), as llama.cpp runs them; other quantized types are requantized to Q8_0, and dense
+    (F32/F16/BF16) weights stay dense in `dtype`. The load is summarised in one log line.
+    """
     gguf = gguf_module()
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
@@ -187,24 +204,80 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> Transform
             raise GGUFError(f"gguf's tensor name map has no name for {key!r}")
         by_gguf[gguf_name] = key
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, tuple[torch.Tensor, str]] = {}  # module name -> (uint8 blocks, type)
+    counts: dict[str, int] = {}
     for tensor in reader.tensors:
         key = by_gguf.get(tensor.name)
         if key is None:
             raise GGUFError(f"{path.name} holds tensor {tensor.name}, which a {cfg.hf_model_type} model "
                             "of this config does not have")
-        w = torch.from_numpy(dequantized(tensor, path))
-        if tuple(w.shape) != tuple(expected[key].shape):
-            raise GGUFError(f"{path.name}: tensor {tensor.name} has shape {tuple(w.shape)} but the metadata "
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if shape != tuple(expected[key].shape):
+            raise GGUFError(f"{path.name}: tensor {tensor.name} has shape {shape} but the metadata "
                             f"implies {tuple(expected[key].shape)}")
+        kind = tensor.tensor_type.name
+        keep = keep_quantized and len(shape) == 2 and kind not in ("F32", "F16", "BF16") and shape[1] % 32 == 0
+        if keep:
+            w = _blocks(tensor, path) if kind in KEPT_TYPES else _requantized(tensor, path)
+            kind_kept = kind if kind in KEPT_TYPES else REQUANTIZED_TO
+            label = f"{kind} kept" if kind in KEPT_TYPES else f"{kind} requantized to {REQUANTIZED_TO}"
+        else:
+            w = torch.from_numpy(dequantized(tensor, path))
+            label = kind
+        counts[label] = counts.get(label, 0) + 1
+        # Row permutations act on whole rows, so they apply to block rows as to dense ones.
         if cfg.hf_model_type == "llama" and key.endswith("q_proj.weight"):
             w = unpermute_rope_rows(w, cfg.num_heads)
         elif cfg.hf_model_type == "llama" and key.endswith("k_proj.weight"):
             w = unpermute_rope_rows(w, cfg.n_kv_heads)
-        state[key] = w.to(dtype)
-    missing = sorted(name for name, key in by_gguf.items() if key not in state)
+        if keep:
+            blocks[key.removesuffix(".weight")] = (w.contiguous(), kind_kept)
+        else:
+            state[key] = w.to(dtype)
+    missing = sorted(name for name, key in by_gguf.items() if key not in state and key.removesuffix(".weight") not in blocks)
     if missing:
         raise GGUFError(f"{path.name} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    _install_blocks(model, blocks, state, dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    how = "quantized blocks kept" if keep_quantized else f"dequantized to {str(dtype).removeprefix('torch.')}"
+    log.info("loaded %s, %s: %s tensors", path.name, how, ", ".join(f"{n} {k}" for k, n in counts.items()))
     return model.eval()
 
+
+def _blocks(tensor, path: Path) -> torch.Tensor:
+    """A Q8_0/Q4_0/Q4_1 tensor's raw blocks, uint8 (out, row bytes), copied out of the mapped file."""
+    try:
+        data = np.array(tensor.data, dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001  a short memmap (truncated file) fails here
+        raise GGUFError(f"{path.name}: cannot read tensor {tensor.name} (truncated or corrupt file?): {e}") from None
+    return torch.from_numpy(data.reshape(int(tensor.shape[-1]), -1))
+
+
+def _requantized(tensor, path: Path) -> torch.Tensor:
+    """A tensor of another quantized type as Q8_0 blocks (dequantized, then quantized by gguf)."""
+    gguf = gguf_module()
+    dense = dequantized(tensor, path)
+    return torch.from_numpy(gguf.quants.quantize(dense, gguf.GGMLQuantizationType[REQUANTIZED_TO]))
+
+
+def _install_blocks(model: Transformer, blocks: dict[str, tuple[torch.Tensor, str]],
+                    state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Swap the modules whose weights were kept as blocks for GGUFLinear / GGUFEmbedding (their
+    biases, if any, move out of `state` into them)."""
+    from ember.quant.gguf_embedding import GGUFEmbedding
+    from ember.quant.gguf_linear import GGUFLinear
+
+    for name, (data, kind) in blocks.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        if isinstance(old, nn.Embedding):
+            new: nn.Module = GGUFEmbedding(data, kind, tuple(old.weight.shape), dtype)
+        else:
+            bias = state.pop(f"{name}.bias", None)
+            new = GGUFLinear(data, kind, (old.out_features, old.in_features), bias)
+        setattr(parent, attr, new)
+    embed = model.model.embed_tokens
+    if model.config.tie_word_embeddings and isinstance(embed, GGUFEmbedding):
+        model.lm_head = embed.tied_head()

@@ -119,25 +119,33 @@ def read_state_dict(folder: Path, expected: dict[str, torch.Tensor],
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", adapter: str | os.PathLike | None = None) -> Transformer:
+               device: str | torch.device = "cpu", adapter: str | os.PathLike | None = None,
+               keep_quantized: bool = False) -> Transformer:
     """Load a Hugging Face (llama/mistral/qwen2/mixtral) or ember model folder as a Transformer.
 
     path may also be a GGUF file, a folder holding one, or a known model's name
-    (ember/checkpoint/registry.py); GGUF weights are dequantized to dtype (ember/checkpoint/gguf.py).
+    (ember/checkpoint/registry.py); GGUF weights are dequantized to dtype (ember/checkpoint/gguf.py),
+    or with keep_quantized=True their Q8_0 / Q4_0 / Q4_1 blocks are kept and run as they are (the
+    embedding and a tied head too), as llama.cpp runs them.
     adapter: a PEFT LoRA adapter folder to apply on top (ember/checkpoint/peft.py), unmerged.
     """
     torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(path)
     gguf_path = gguf_file(path)
     if gguf_path is not None:
-        from ember.checkpoint.gguf import load_gguf_model  # needs the optional gguf package
+        from ember.checkpoint.gguf import (
+            load_gguf_model,  # needs the optional gguf package
+        )
 
-        return _with_adapter(load_gguf_model(gguf_path, torch_dtype), adapter).to(device).eval()
+        model = load_gguf_model(gguf_path, torch_dtype, keep_quantized=keep_quantized)
+        return _with_adapter(model, adapter).to(device).eval()
     folder = model_dir(path)
     hf_cfg = read_json(folder / "config.json")
     cfg = config_from_hf(hf_cfg)
     if hf_cfg.get("quantization_config"):
-        from ember.quant.checkpoint import load_quantized  # only quantized checkpoints need it
+        from ember.quant.checkpoint import (
+            load_quantized,  # only quantized checkpoints need it
+        )
 
         model = load_quantized(folder, cfg, hf_cfg["quantization_config"], torch_dtype, device)
         return _with_adapter(model, adapter).eval()
@@ -164,12 +172,30 @@ def _with_adapter(model: Transformer, adapter: str | os.PathLike | None) -> Tran
     return model
 
 
+def _dense_head(model: Transformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A quantized embedding / LM head (ember/quant/head.py) saved in floating point, as Hugging
+    Face's formats keep them; GGUF blocks elsewhere (a GGUF loaded with keep_quantized) have no
+    safetensors format and are refused."""
+    from ember.quant.head import dense_head_state
+
+    dense = dense_head_state(model)
+    state = {k: v for k, v in state.items() if k not in ("model.embed_tokens.blocks", "lm_head.blocks")}
+    kept = [k for k in state if k.endswith(".blocks")]
+    if kept:
+        raise CheckpointError(f"the model runs GGUF blocks ({kept[0]}, ...), which safetensors checkpoints do not "
+                              "hold: write it with `ember export --format gguf`, or load it with "
+                              "keep_quantized=False to save it dequantized")
+    return {**state, **dense}
+
+
 def save_model(model: Transformer, out_dir: str | os.PathLike,
                max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write config.json and safetensors weights (sharded above max_shard_bytes) atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if any(k.endswith(".blocks") for k in state):
+        state = _dense_head(model, state)
     if any(".lora_A." in k for k in state):
         raise CheckpointError("the model has LoRA adapters: save them with ember.checkpoint.peft.save_adapter, "
                               "or merge them first (ember.adapters.merge_and_unload) to save a full model")

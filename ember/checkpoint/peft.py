@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from ember.adapters.lora import (LoRAError, freeze_all_but_adapters, lora_layers, match_targets,
-                                 wrap_module)
+from ember.adapters.lora import (
+    LoRAError,
+    freeze_all_but_adapters,
+    lora_layers,
+    match_targets,
+    wrap_module,
+)
 from ember.atomic import atomic_write, atomic_write_json
 from ember.checkpoint.hf import read_json
 

@@ -67,6 +67,9 @@ class QuantizeConfig:
     decode_tokens: int = field(default=64, metadata={"help": "tokens to time batch-1 decode over (0: skip)"})
     baseline: bool = field(default=True, metadata={"help": "also measure the unquantized model"})
     seed: int = field(default=0, metadata={"help": "calibration sampling seed"})
+    quantize_head: bool = field(default=False, metadata={
+        "help": "also keep the embedding and LM head in 8 bits (Q8_0) in memory; the checkpoint stores them "
+                "in floating point, as Hugging Face formats do, and ember quantizes them again on load"})
 
 
 CONFIG = QuantizeConfig
@@ -74,7 +77,8 @@ CONFIG = QuantizeConfig
 
 def quant_config(cfg: QuantizeConfig) -> QuantConfig:
     return QuantConfig(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
-                       act_order=cfg.act_order, double_quant=cfg.double_quant, awq_clip=cfg.awq_clip)
+                       act_order=cfg.act_order, double_quant=cfg.double_quant, awq_clip=cfg.awq_clip,
+                       quantize_head=cfg.quantize_head)
 
 
 def run(cfg: QuantizeConfig) -> tuple[QuantRow | None, QuantRow]:
@@ -94,6 +98,8 @@ def run(cfg: QuantizeConfig) -> tuple[QuantRow | None, QuantRow]:
     save_model(model, cfg.out)
     tok.save(cfg.out)
     label = cfg.method if cfg.method in ("int8", "nf4") else f"{cfg.method}-{cfg.bits}b-g{cfg.group_size}"
+    if cfg.quantize_head:
+        label += "+q8head"
     row = measure(model, tok, texts, label, max_len, cfg.decode_tokens, base)
     return base, row
 

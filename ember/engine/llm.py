@@ -35,7 +35,10 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | Transformer, tokenizer: str | os.PathLike | Tokenizer | None = None,
                  *, dtype: str = "float32", device: str | None = None, skip_tokenizer_init: bool = False,
-                 adapter: str | os.PathLike | None = None, **engine_config: Any) -> None:
+                 adapter: str | os.PathLike | None = None, keep_quantized: bool | None = None,
+                 **engine_config: Any) -> None:
+        """keep_quantized: for a GGUF model, run its Q8_0/Q4_0/Q4_1 blocks as they are (the default
+        with dtype float32, as llama.cpp does) rather than dequantizing them (ember.load_model)."""
         if isinstance(model, Transformer):
             if adapter is not None:
                 raise RequestError("adapter= applies to a model folder; apply it to a Transformer yourself")
@@ -44,7 +47,9 @@ class LLM:
             from ember.adapters.lora import merge_where_possible
             from ember.checkpoint.hf import load_model
 
-            module = load_model(model, dtype=dtype, adapter=adapter)
+            if keep_quantized is None:
+                keep_quantized = dtype == "float32"
+            module = load_model(model, dtype=dtype, adapter=adapter, keep_quantized=keep_quantized)
             if adapter is not None:
                 merge_where_possible(module)
             if tokenizer is None and not skip_tokenizer_init:

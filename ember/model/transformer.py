@@ -215,8 +215,10 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def tie_weights(self) -> None:
-        """Re-share the LM head with the embedding (after loading with `assign=True`)."""
-        if self.config.tie_word_embeddings:
+        """Re-share the LM head with the embedding (after loading with `assign=True`). A quantized
+        embedding and head (ember/quant/gguf_embedding.py) share their blocks themselves."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear) \
+                and isinstance(self.model.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

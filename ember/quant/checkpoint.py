@@ -27,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from ember.checkpoint.hf import CheckpointError, weight_files
 from ember.config import ModelConfig
 from ember.model.transformer import Transformer
+from ember.quant.gguf_linear import GGUF_BLOCK_BYTES
+from ember.quant.head import HEAD_KEY, quantize_head
 from ember.quant.linear import QUANT_LINEARS, GroupQuantLinear, Int8Linear, NF4Linear
 
 NF4_STATE = ".weight.quant_state.bitsandbytes__nf4"
@@ -133,4 +135,10 @@ def load_quantized(folder: Path, cfg: ModelConfig, qcfg: dict[str, Any], dtype: 
                               f"e.g. {unexpected[0]!r}")
     model.tie_weights()
     model.quantization_config = dict(qcfg)
+    head_type = qcfg.get(HEAD_KEY)
+    if head_type:
+        if head_type not in GGUF_BLOCK_BYTES:
+            raise CheckpointError(f"config.json in {folder}: {HEAD_KEY} is {head_type!r}; ember keeps heads in "
+                                  f"{', '.join(GGUF_BLOCK_BYTES)}")
+        quantize_head(model, head_type)
     return model.to(device).eval()

@@ -32,6 +32,7 @@ import torch
 from ember.atomic import atomic_path
 from ember.errors import EmberError
 from ember.model.transformer import Transformer
+from ember.quant.gguf_embedding import GGUFEmbedding
 from ember.quant.linear import QUANT_LINEARS
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -67,6 +68,9 @@ def dense_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             state[f"{name}.weight"] = module.dequantize(torch.float32)
             if getattr(module, "bias", None) is not None:
                 state[f"{name}.bias"] = module.bias.detach().float()
+            continue
+        if isinstance(module, GGUFEmbedding):
+            state[f"{name}.weight"] = module.dequantize(torch.float32)
             continue
         for pname, p in module.named_parameters(recurse=False):
             state[f"{name}.{pname}" if name else pname] = p.detach().float()

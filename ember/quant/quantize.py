@@ -11,7 +11,9 @@ Methods and the checkpoint format each produces (Hugging Face's `quantization_co
   rtn   round-to-nearest, group-wise     gptq (AutoGPTQ v1 tensors)
   gptq  GPTQ, group-wise                 gptq (AutoGPTQ v1 tensors)
   awq   AWQ, group-wise                  awq (AutoAWQ GEMM tensors; other bit widths: gptq tensors)
-The embedding and LM head stay in floating point (as in all three formats).
+The embedding and LM head stay in floating point (as in all three formats), unless
+`quantize_head` keeps them in Q8_0 in memory (ember/quant/head.py; the checkpoint still holds them
+in floating point and records it, so ember.load_model quantizes them again).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ember import __version__
 from ember.errors import EmberError
 from ember.quant.awq import awq_quantize_model
 from ember.quant.gptq import gptq_quantize_model
+from ember.quant.head import HEAD_KEY, HEAD_TYPE, quantize_head
 from ember.quant.linear import GroupQuantLinear, Int8Linear, NF4Linear, quantizable_linears
 from ember.quant.packing import packed_length
 from ember.quant.rtn import GroupQuantized, rtn_quantize
@@ -53,6 +56,7 @@ class QuantConfig:
     awq_clip: bool = True  # awq: search a clipping range per group
     awq_grid: int = 20  # awq: points of the alpha grid
     skip: tuple[str, ...] = ()  # names (or name suffixes) of block linears to keep in float
+    quantize_head: bool = False  # embedding and LM head in Q8_0 blocks too (ember/quant/head.py)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -141,6 +145,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor
     for name, module in replacements.items():
         model.set_submodule(name, module)
     model.quantization_config = hf_quantization_config(cfg)
+    if cfg.quantize_head:
+        quantize_head(model, HEAD_TYPE)
+        model.quantization_config[HEAD_KEY] = HEAD_TYPE
     return model
 
 

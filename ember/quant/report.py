@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ember.eval.loglikelihood import prefix_token_id, score_spans
 from ember.eval.perplexity import PerplexityResult, rolling_spans
 from ember.eval.stats import perplexity_delta_stderr, perplexity_stderr
 from ember.model.generate import generate
 from ember.quant.calibration import split_documents
+from ember.quant.gguf_embedding import GGUFEmbedding
+from ember.quant.gguf_linear import GGUFLinear
 from ember.quant.linear import QUANT_LINEARS, quantizable_linears, weight_bytes
 
 
@@ -89,8 +91,9 @@ def clamp_note(data: list[str], requested: int, tokens: int, documents: int) -> 
 
 
 def layer_footprint(model: nn.Module) -> tuple[int, int]:
-    """(weights, bytes) of the quantized layers, or of the quantizable ones in a float model."""
-    quant = [m for m in model.modules() if isinstance(m, QUANT_LINEARS)]
+    """(weights, bytes) of the quantized block layers (not a quantized head), or of the
+    quantizable ones in a float model."""
+    quant = [m for n, m in model.named_modules() if isinstance(m, QUANT_LINEARS) and n != "lm_head"]
     if not quant:
         linears = quantizable_linears(model).values()
         return (sum(m.weight.numel() for m in linears),
@@ -105,6 +108,12 @@ def fp32_bytes(model: nn.Module) -> int:
     """What the model's weights would take in fp32 (a quantized layer counts in_features * out_features)."""
     total, seen = 0, set()
     for module in model.modules():
+        if isinstance(module, GGUFEmbedding):
+            total += 4 * module.num_embeddings * module.embedding_dim
+            seen.add(id(module.blocks))  # a tied head on the same blocks is not counted twice
+            continue
+        if isinstance(module, GGUFLinear) and id(module.blocks) in seen:
+            continue
         if isinstance(module, QUANT_LINEARS):
             total += 4 * module.in_features * module.out_features + (4 * module.out_features if module.bias is not None else 0)
             continue

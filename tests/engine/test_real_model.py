@@ -61,3 +61,19 @@ def test_chat_answer_is_paris(smollm2, smollm2_file) -> None:
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=16))
     assert "Paris" in out[0].outputs[0].text
+
+
+@pytest.mark.parametrize("kernels", ["native", "pytorch"])
+def test_engine_on_the_files_own_blocks_equals_transformers(smollm2_file, prompts_and_reference, kernels,
+                                                            monkeypatch) -> None:
+    """The Q4_1 / Q8_0 blocks run as stored (the default for a GGUF in LLM) give transformers'
+    greedy tokens, which it computes from the same blocks dequantized."""
+    if kernels == "native" and not native.available():
+        pytest.skip("native kernels unavailable (no C compiler)")
+    if kernels == "pytorch":
+        monkeypatch.setattr(native, "available", lambda: False)
+    prompts, ref = prompts_and_reference
+    llm = LLM(smollm2_file, max_num_seqs=8, kv_cache_memory=0.25)
+    assert type(llm.engine.runner.model.lm_head).__name__ == "GGUFLinear"
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == ref
