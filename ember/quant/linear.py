@@ -33,7 +33,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ember.quant.base import QuantLinear, bias_param
 from ember.quant.gguf_linear import GGUFLinear
