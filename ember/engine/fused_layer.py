@@ -135,7 +135,7 @@ class LayerPlan:
                 or n2.weight.shape != (D,):
             return None
         proj = (native.QuantProjection * 7)(*[
-            native.QuantProjection(native.QUANT_FORMATS[pk.fmt], pk.data.data_ptr(),
+            native.QuantProjection(pk.code, pk.data.data_ptr(),
                                    None if pk.rscale is None else pk.rscale.data_ptr(),
                                    None if m.bias is None else m.bias.data_ptr()) for m, pk in zip(projs, packs)])
         weights = native.LayerWeights(norm1=n1.weight.data_ptr(), norm2=n2.weight.data_ptr(), D=D, H=H, Hkv=Hkv,

@@ -44,9 +44,14 @@ class ModelRunner:
     """Owns the model, the KV block pool and the gather workspace."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, int8_activations: bool = False) -> None:
         self.model = model.eval()
         relayout_for_decode(model)  # faster batch-1 matmuls on CPU; same values (weight_layout.py)
+        from ember.quant.base import QuantLinear  # ember.quant imports the package root, which imports this
+
+        for module in model.modules():  # the engine's choice for its model (EngineConfig.int8_activations)
+            if isinstance(module, QuantLinear):
+                module.int8_activations = int8_activations
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size

@@ -315,9 +315,22 @@ QUANT_FORMATS = {"i8": 0, "q8_0": 1, "q4_0": 2, "q4_1": 3, "q4z": 4, "nf4": 5}
 QUANT_BLOCK_BYTES = {"i8": 32, "q8_0": 34, "q4_0": 18, "q4_1": 20, "q4z": 20, "nf4": 20}
 
 
+# Or-ed into a format's number: one-row products quantize x to int8 per block of 32 and use
+# integer dot products (kernels/quant_linear.c), as llama.cpp does; nf4 ignores it.
+INT8_ACTIVATIONS = 0x100
+
+
+def quant_code(fmt: str, int8_activations: bool = False) -> int:
+    """The number kernels/quant_linear.c takes for a format (and activation choice)."""
+    return QUANT_FORMATS[fmt] | (INT8_ACTIVATIONS if int8_activations else 0)
+
+
 def quant_linear(fmt: str, data: torch.Tensor, rscale: torch.Tensor | None, bias: torch.Tensor | None,
-                 x: torch.Tensor, out_features: int) -> torch.Tensor:
+                 x: torch.Tensor, out_features: int, int8_activations: bool = False) -> torch.Tensor:
     """x (M, K) @ dequant(data)^T + bias through kernels/quant_linear.c, for 1..MAX_LINEAR_ROWS rows.
+
+    int8_activations: a one-row x is quantized to int8 per block of 32 for integer dot products
+    (x's rounding, at most half an 8-bit step of its block's range, is the only difference).
 
     The caller (ember/quant/native_layout.py) guarantees what the kernel reads: data uint8
     (out_features, row bytes of `fmt` at K) contiguous on CPU, rscale fp32 (out_features,) for
@@ -328,7 +341,7 @@ def quant_linear(fmt: str, data: torch.Tensor, rscale: torch.Tensor | None, bias
     lib = _library()
     scratch = torch.empty(int(lib.ember_qlinear_scratch(rows, K, threads())), dtype=torch.float32)
     y = torch.empty(rows, out_features, dtype=torch.float32)
-    lib.ember_qlinear(QUANT_FORMATS[fmt], data.data_ptr(), 0 if rscale is None else rscale.data_ptr(),
+    lib.ember_qlinear(quant_code(fmt, int8_activations), data.data_ptr(), 0 if rscale is None else rscale.data_ptr(),
                       0 if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), rows, out_features, K,
                       scratch.data_ptr())
     return y

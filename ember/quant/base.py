@@ -10,6 +10,8 @@ allows (CPU, fp32, no autograd, kernels built), the reference elsewhere.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,7 +33,13 @@ def bias_param(linear_bias: torch.Tensor | None) -> nn.Parameter | None:
 
 class QuantLinear(nn.Module):
     """Shared shape attributes, bias handling (the bias stays in floating point) and the choice
-    between the native kernels and the PyTorch reference path."""
+    between the native kernels and the PyTorch reference path.
+
+    int8_activations (default False, fp32 activations): one-row native products quantize x to
+    int8 per block of 32 and multiply in integers, as llama.cpp does (see
+    kernels/quant_linear.c); the serving engine sets it where asked (EngineConfig)."""
+
+    int8_activations = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -62,7 +70,12 @@ class QuantLinear(nn.Module):
             cpu = all(t.device.type == "cpu" for t in sources)
             self._packed = self._pack() if cpu else None
             self._packed_key = tuple((t, _version(t)) for t in sources)
-        return self._packed
+        packed = self._packed
+        if packed is not None and packed.int8_activations != self.int8_activations:
+            # a new object, so that plans holding the old one (ember/engine/fused_layer.py) rebuild
+            packed = self._packed = copy.copy(packed)
+            packed.int8_activations = self.int8_activations
+        return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight() if x.device.type == "cpu" else None

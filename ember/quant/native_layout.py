@@ -39,7 +39,17 @@ OUTPUT_CHUNK = 4096
 
 
 class PackedWeight:
-    """A weight (out_features, in_features) in a kernel format (see the module docstring)."""
+    """A weight (out_features, in_features) in a kernel format (see the module docstring).
+
+    int8_activations: one-row products quantize x to int8 per block of 32 and use integer dot
+    products (set by the layer that owns it; see QuantLinear.int8_activations)."""
+
+    int8_activations = False
+
+    @property
+    def code(self) -> int:
+        """The format number the kernels take."""
+        return native.quant_code(self.fmt, self.int8_activations)
 
     def __init__(self, fmt: str, data: torch.Tensor, in_features: int, rscale: torch.Tensor | None = None,
                  perm: torch.Tensor | None = None) -> None:
@@ -67,7 +77,8 @@ class PackedWeight:
         rows = x.numel() // self.in_features
         x2 = self.prepare(x.reshape(rows, self.in_features))
         if rows <= native.MAX_LINEAR_ROWS:
-            y = native.quant_linear(self.fmt, self.data, self.rscale, bias, x2, self.out_features)
+            y = native.quant_linear(self.fmt, self.data, self.rscale, bias, x2, self.out_features,
+                                    self.int8_activations)
         else:
             y = self._prefill(x2, bias)
         return y.view(*x.shape[:-1], self.out_features)

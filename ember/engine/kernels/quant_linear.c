@@ -58,6 +58,7 @@
 typedef float vf __attribute__((vector_size(32), aligned(4))); /* aligned(4): unaligned loads */
 
 enum { F_I8, F_Q8_0, F_Q4_0, F_Q4_1, F_Q4Z, F_NF4 };
+#define EMBER_INT8_ACT 0x100 /* or-ed into fmt: one-row products on int8 activations (below) */
 
 /* Bytes per block of 32 weights. */
 static inline int64_t block_bytes(const int fmt) {
@@ -236,6 +237,143 @@ static inline __attribute__((always_inline)) void matvec(const int fmt, const ui
     }
 }
 
+/* ---- one row, int8 activations (fmt | EMBER_INT8_ACT) ---------------------------------------
+ * llama.cpp's way for batch-1 decode: x is quantized per block of 32 to int8 (dx = max|x| / 127,
+ * xq = round(x / dx), kept with the exact fp32 block sum), and each weight block meets its x
+ * block in an integer dot product (AVX2: maddubs of unsigned weights, or |w| with x carrying w's
+ * sign, then madd into eight int32 lanes), scaled once per block by d * dx. Integer sums are
+ * exact, so every build computes the same block dots; the only error against the fp32 path is
+ * x's rounding to 8 bits (at most dx / 2 per activation). NF4 has no integer codes and keeps
+ * the fp32 path. */
+static void quantize_x(const float *x, int64_t nb, int8_t *xq, float *dx, float *xsum, int32_t *isum) {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f, s = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const float a = xb[i] < 0 ? -xb[i] : xb[i];
+            amax = a > amax ? a : amax;
+            s += xb[i];
+        }
+        const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t t = 0;
+        for (int i = 0; i < 32; i++) {
+            const float v = xb[i] * inv;
+            const int32_t q = (int32_t)(v < 0 ? v - 0.5f : v + 0.5f); /* round half away, |q| <= 127 */
+            xq[32 * b + i] = (int8_t)q;
+            t += q;
+        }
+        dx[b] = d, xsum[b] = s, isum[b] = t;
+    }
+}
+
+#ifdef __AVX2__
+/* Eight int32 partial sums of a weight block's integer codes times an x block (4-bit codes
+ * unsigned 0..15; I8/Q8_0 signed). */
+static inline __attribute__((always_inline)) __m256i block_idot(const int fmt, const uint8_t *b, __m256i xv) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (fmt == F_I8 || fmt == F_Q8_0) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(fmt == F_I8 ? b : b + 2));
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+    }
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(b + (fmt == F_Q4_0 ? 2 : 4)));
+    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+}
+#endif
+
+/* The integer dot of one block, portable: the same exact sum the AVX2 lanes add up to. */
+static inline int32_t block_idot_c(const int fmt, const uint8_t *b, const int8_t *xq) {
+    int32_t t = 0;
+    if (fmt == F_I8 || fmt == F_Q8_0) {
+        const int8_t *w = (const int8_t *)(fmt == F_I8 ? b : b + 2);
+        for (int i = 0; i < 32; i++) t += (int32_t)w[i] * xq[i];
+    } else {
+        const uint8_t *q = b + (fmt == F_Q4_0 ? 2 : 4);
+        for (int j = 0; j < 16; j++) t += (int32_t)(q[j] & 0x0f) * xq[j] + (int32_t)(q[j] >> 4) * xq[j + 16];
+    }
+    return t;
+}
+
+static inline __attribute__((always_inline)) void idot_rows(const int fmt, const int R, const uint8_t *w, int64_t rb,
+                                                            const int8_t *xq, const float *dx, const float *xsum,
+                                                            const int32_t *isum, const float *x, int64_t K,
+                                                            const uint8_t *pf, float *out) {
+    const int64_t bb = block_bytes(fmt), nb = K / 32;
+#ifdef __AVX2__
+    __m256 acc[GROUP];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+#else
+    float acc[GROUP];
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+#endif
+    float off[GROUP];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) off[r] = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+#ifdef __AVX2__
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+#endif
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w + r * rb + b * bb;
+            if (pf) __builtin_prefetch(pf + r * rb + b * bb, 0, 2);
+            const float d = fmt == F_I8 ? 1.0f : half_to_float(blk);
+            const float scale = d * dx[b];
+#ifdef __AVX2__
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_idot(fmt, blk, xv)), _mm256_set1_ps(scale), acc[r]);
+#else
+            acc[r] += (float)block_idot_c(fmt, blk, xq + 32 * b) * scale;
+#endif
+            if (fmt == F_Q4_0)
+                off[r] -= 8.0f * scale * (float)isum[b];
+            else if (fmt == F_Q4Z)
+                off[r] -= (float)(int8_t)blk[2] * scale * (float)isum[b];
+            else if (fmt == F_Q4_1)
+                off[r] += half_to_float(blk + 2) * xsum[b];
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+#ifdef __AVX2__
+        float a = hsum((vf)acc[r]) + off[r];
+#else
+        float a = acc[r] + off[r];
+#endif
+        if (fmt == F_I8) /* rows of any length: the last K % 32 weights in fp32 */
+            for (int64_t t = nb * 32; t < K; t++) a += x[t] * (float)(int8_t)w[r * rb + t];
+        out[r] = a;
+    }
+}
+
+static inline __attribute__((always_inline)) void matvec_int8(const int fmt, const uint8_t *W, const float *rscale,
+                                                              const float *bias, const float *x, float *y, int64_t N,
+                                                              int64_t K, float *scratch) {
+    const int64_t rb = row_bytes(fmt, K), groups = (N + GROUP - 1) / GROUP, nb = K / 32;
+    float *dx = scratch, *xsum = dx + nb;
+    int32_t *isum = (int32_t *)(xsum + nb);
+    int8_t *xq = (int8_t *)(isum + nb);
+    quantize_x(x, nb, xq, dx, xsum, isum); /* ends in the omp for's barrier: every thread sees all of xq */
+#pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < groups; gi++) {
+        const int64_t n0 = gi * GROUP;
+        const uint8_t *w = W + n0 * rb;
+        float out[GROUP];
+        int R = GROUP;
+        if (n0 + GROUP <= N) {
+            idot_rows(fmt, GROUP, w, rb, xq, dx, xsum, isum, x, K, n0 + AHEAD + GROUP <= N ? w + AHEAD * rb : 0, out);
+        } else {
+            R = (int)(N - n0);
+            for (int r = 0; r < R; r++) idot_rows(fmt, 1, w + r * rb, rb, xq, dx, xsum, isum, x, K, 0, out + r);
+        }
+        for (int r = 0; r < R; r++) {
+            float v = fmt == F_I8 ? out[r] * rscale[n0 + r] : out[r];
+            y[n0 + r] = bias ? v + bias[n0 + r] : v;
+        }
+    }
+}
+
 /* ---- several rows --------------------------------------------------------------------------- */
 /* Rows [0, nr) of w dequantized into out (nr, K) fp32: the reference's values exactly (integer
  * times scale, or Q4_1's d * q + m with the exact product rounded once). */
@@ -280,10 +418,13 @@ static inline __attribute__((always_inline)) void tiled(const int fmt, const uin
     }
 }
 
-static inline __attribute__((always_inline)) void qlinear(const int fmt, const uint8_t *W, const float *rscale,
-                                                          const float *bias, const float *x, float *y, int64_t ldy,
-                                                          int64_t M, int64_t N, int64_t K, float *scratch) {
-    if (M == 1)
+static inline __attribute__((always_inline)) void qlinear(const int fmt, const int int8_act, const uint8_t *W,
+                                                          const float *rscale, const float *bias, const float *x,
+                                                          float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
+                                                          float *scratch) {
+    if (M == 1 && int8_act && fmt != F_NF4)
+        matvec_int8(fmt, W, rscale, bias, x, y, N, K, scratch);
+    else if (M == 1)
         matvec(fmt, W, rscale, bias, x, y, N, K, scratch);
     else
         tiled(fmt, W, rscale, bias, x, y, ldy, M, N, K, scratch);
@@ -292,7 +433,8 @@ static inline __attribute__((always_inline)) void qlinear(const int fmt, const u
 /* ---- entry points ------------------------------------------------------------------------------ */
 /* Floats of the scratch ember_qlinear needs for M rows of K on `threads` threads. */
 int64_t ember_qlinear_scratch(int64_t M, int64_t K, int64_t threads) {
-    return M == 1 ? K / 32 + 1 : K * ((M + 7) / 8 * 8) + threads * EMBER_PANEL_ROWS * K;
+    /* one row: fp32 block sums, or (int8 activations) dx, sums, int sums and K int8 codes */
+    return M == 1 ? K / 32 * 11 + 1 : K * ((M + 7) / 8 * 8) + threads * EMBER_PANEL_ROWS * K;
 }
 
 /* On the calling team (see ember_linear_team in linear.c). rscale: I8's per-row scales (else
@@ -300,13 +442,14 @@ int64_t ember_qlinear_scratch(int64_t M, int64_t K, int64_t threads) {
  * ember_qlinear_scratch(M, K, team size) floats. */
 void ember_qlinear_team(int64_t fmt, const uint8_t *W, const float *rscale, const float *bias, const float *x,
                         float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float *scratch) {
-    switch (fmt) {
-    case F_I8: qlinear(F_I8, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
-    case F_Q8_0: qlinear(F_Q8_0, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
-    case F_Q4_0: qlinear(F_Q4_0, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
-    case F_Q4_1: qlinear(F_Q4_1, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
-    case F_Q4Z: qlinear(F_Q4Z, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
-    case F_NF4: qlinear(F_NF4, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    const int a = (fmt & EMBER_INT8_ACT) != 0;
+    switch (fmt & ~(int64_t)EMBER_INT8_ACT) {
+    case F_I8: qlinear(F_I8, a, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_Q8_0: qlinear(F_Q8_0, a, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_Q4_0: qlinear(F_Q4_0, a, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_Q4_1: qlinear(F_Q4_1, a, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_Q4Z: qlinear(F_Q4Z, a, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
+    case F_NF4: qlinear(F_NF4, a, W, rscale, bias, x, y, ldy, M, N, K, scratch); break;
     }
 }
 
