@@ -139,6 +139,8 @@ def main(cfg: ServeConfig) -> None:
     log.info("serving %s as %r on http://%s:%d/v1 (max_model_len %d, %d running + %d queued requests)",
              cfg.model, serving.model_name, cfg.host, cfg.port, serving.max_model_len,
              cfg.max_num_seqs, cfg.max_queue_len)
+    if cfg.ui:
+        log.info("chat page: http://%s:%d/", cfg.host, cfg.port)
     serve(app, host=cfg.host, port=cfg.port, drain_timeout=cfg.drain_timeout, access_log=cfg.access_log)
 
 

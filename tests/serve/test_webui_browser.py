@@ -243,3 +243,44 @@ def test_rag_sources_are_shown_under_the_answer(browser, tiny_dir, tmp_path_fact
         link.click()
         until(d, lambda d: "Cherry guide" in d.find_element(By.ID, "source-text").text, "the source did not open")
         d.find_element(By.ID, "source-close").click()
+
+
+def test_settings_go_into_the_request(browser, server) -> None:
+    d = browser
+    open_page(d, server.url)
+    # record what the page sends (the page calls the global fetch at each request)
+    d.execute_script("window.sent = []; const f = window.fetch; window.fetch = (url, init) => "
+                     "{ if (String(url).includes('/chat/')) window.sent.push(JSON.parse(init.body)); return f(url, init); };")
+    field(d, "system", "You are terse.")
+    ask(d, "Hello", temperature=0.3, top_p=0.9, max_tokens=3)
+    until(d, reply_done, "no reply")
+    body = d.execute_script("return window.sent[0]")
+    assert body["messages"] == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello"}]
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["model"]) == (0.3, 0.9, 3, "tiny")
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert "3 tokens" in last_reply(d).find_element(By.CLASS_NAME, "meta").text  # from the usage chunk
+    field(d, "system", "")
+
+
+def test_conversations_are_exported_and_deleted(browser, server) -> None:
+    d = browser
+    open_page(d, server.url)
+    ask(d, "Export me", max_tokens=2)
+    until(d, reply_done, "no reply")
+    # catch the download: the blob the page builds and the file name it gives it
+    exported = d.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        URL.createObjectURL = (blob) => { window.blob = blob; return 'blob:caught'; };
+        HTMLAnchorElement.prototype.click = function () {
+          window.blob.text().then(text => done([this.download, JSON.parse(text)])); };
+        document.getElementById('export').click();""")
+    name, data = exported
+    assert name == "ember-conversations.json"
+    first = data["conversations"][0]
+    assert first["title"] == "Export me" and [m["role"] for m in first["messages"]] == ["user", "assistant"]
+    before = len(d.find_elements(By.CSS_SELECTOR, "#conversations li"))
+    d.find_element(By.CSS_SELECTOR, "#conversations li.active .delete").click()
+    titles = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#conversations .open")]
+    assert len(titles) == before - 1 and "Export me" not in titles
+    kept = d.execute_script("return JSON.parse(localStorage.getItem('ember.conversations')).map(c => c.title)")
+    assert "Export me" not in kept
