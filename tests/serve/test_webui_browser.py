@@ -261,6 +261,15 @@ def test_settings_go_into_the_request(browser, server) -> None:
     assert "3 tokens" in last_reply(d).find_element(By.CLASS_NAME, "meta").text  # from the usage chunk
     field(d, "system", "")
 
+    # another entry in the picker (as /v1/models would list an adapter) is what the next request names
+    d.execute_script("const s = document.getElementById('model'); s.add(new Option('tiny-lora', 'tiny-lora'));"
+                     "s.value = 'tiny-lora'; s.dispatchEvent(new Event('change'));")
+    ask(d, "Hello", max_tokens=3)
+    until(d, reply_done, "no reply")
+    assert d.execute_script("return window.sent[1].model") == "tiny-lora"
+    assert "`tiny-lora` does not exist" in last_reply(d).find_element(By.CLASS_NAME, "error").text
+    d.execute_script("const s = document.getElementById('model'); s.value = 'tiny'; s.dispatchEvent(new Event('change'));")
+
 
 def test_conversations_are_exported_and_deleted(browser, server) -> None:
     d = browser

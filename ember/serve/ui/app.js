@@ -166,6 +166,7 @@ async function send() {
         first ??= performance.now();
         chunks++;
         reply.content += choice.delta.content;
+        if (chunks % 32 === 0) save();  // a reload mid-reply keeps most of it
       }
       if (choice?.finish_reason) reply.finish = choice.finish_reason;
       update(true);
