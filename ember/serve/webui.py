@@ -47,11 +47,11 @@ def add_ui(app: FastAPI, serving: Serving) -> None:
         body, media_type = files[name]
         return Response(body, media_type=media_type, headers=_HEADERS)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: uptime checks, curl -I
     async def index() -> Response:
         return send("index.html")
 
-    @app.get("/ui/{name}", include_in_schema=False)
+    @app.api_route("/ui/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def asset(name: str) -> Response:
         return send(name)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-ARTIFACTS = Path(os.environ.get("EMBER_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "runs" / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("EMBER_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parents[2] / "runs" / "test-artifacts"))
 INSTALL = "install it with `sudo make browser-deps` (apt-get install chromium chromium-driver)"
 
 

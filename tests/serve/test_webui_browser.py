@@ -24,7 +24,8 @@ pytest.importorskip("selenium")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-LIMIT = float(os.environ.get("EMBER_UI_WAIT", 240))  # seconds before a wait gives up (a slow shared CI machine, not a speed assertion)
+# seconds before a wait gives up: room for a slow shared CI machine, never a speed assertion
+LIMIT = float(os.environ.get("EMBER_UI_WAIT", "240"))
 
 
 # ---- fixtures and page helpers -------------------------------------------------------------------
@@ -148,6 +149,7 @@ def test_stop_aborts_the_request_and_frees_its_kv_blocks(browser, smol_url) -> N
     assert metric(smol_url, "ember:request_failure_total", reason="client_disconnected") == gone + 1
     until(d, lambda d: (d.find_element(By.ID, "stat-running").text, d.find_element(By.ID, "stat-kv").text)
           == ("0", "0.0%"), "the status panel did not show the freed server")
+    screenshot(d, "ui-stopped.png")
 
 
 def test_the_model_picker_lists_v1_models(browser, smol_url) -> None:
@@ -170,6 +172,7 @@ def test_markdown_is_rendered_and_escaped(browser, server) -> None:
         "- one\n- two\n\n1. first",
         "[ok](https://example.org/x) [bad](javascript:alert(1))",
         "```\nstill streaming",
+        "3. third\n4. fourth",
     ])
     assert html[0] == ("<p>&lt;script&gt;alert(1)&lt;/script&gt; <strong>bold</strong> and <em>it</em> "
                        "<code>a&lt;b</code></p>")
@@ -178,6 +181,7 @@ def test_markdown_is_rendered_and_escaped(browser, server) -> None:
     assert 'href="https://example.org/x"' in html[3] and "javascript" not in html[3].split("</a>")[-1].split("bad")[0]
     assert "<a" not in html[3].split("</a>", 1)[1]  # the javascript: link is text only
     assert html[4] == "<pre><code>still streaming</code></pre>"
+    assert html[5] == '<ol start="3"><li>third</li><li>fourth</li></ol>'
 
 
 def test_an_api_key_is_asked_for_once_and_kept(browser, tiny_dir) -> None:
@@ -236,7 +240,8 @@ def test_rag_sources_are_shown_under_the_answer(browser, tiny_dir, tmp_path_fact
         until(d, reply_done, "no reply")
         items = last_reply(d).find_elements(By.CSS_SELECTOR, ".sources li")
         assert len(items) == 2
-        assert items[0].text.startswith("[1] cherry.md") and "cherry" in items[0].find_element(By.CLASS_NAME, "snippet").text
+        assert items[0].text.startswith("[1] cherry.md")
+        assert "cherry" in items[0].find_element(By.CLASS_NAME, "snippet").text
         link = items[0].find_element(By.CLASS_NAME, "source-link")
         assert link.text.endswith("cherry.md")
         screenshot(d, "ui-rag.png")
@@ -249,8 +254,9 @@ def test_settings_go_into_the_request(browser, server) -> None:
     d = browser
     open_page(d, server.url)
     # record what the page sends (the page calls the global fetch at each request)
-    d.execute_script("window.sent = []; const f = window.fetch; window.fetch = (url, init) => "
-                     "{ if (String(url).includes('/chat/')) window.sent.push(JSON.parse(init.body)); return f(url, init); };")
+    d.execute_script("window.sent = []; const f = window.fetch; window.fetch = (url, init) => {"
+                     "  if (String(url).includes('/chat/')) window.sent.push(JSON.parse(init.body));"
+                     "  return f(url, init); };")
     field(d, "system", "You are terse.")
     ask(d, "Hello", temperature=0.3, top_p=0.9, max_tokens=3)
     until(d, reply_done, "no reply")
@@ -268,7 +274,8 @@ def test_settings_go_into_the_request(browser, server) -> None:
     until(d, reply_done, "no reply")
     assert d.execute_script("return window.sent[1].model") == "tiny-lora"
     assert "`tiny-lora` does not exist" in last_reply(d).find_element(By.CLASS_NAME, "error").text
-    d.execute_script("const s = document.getElementById('model'); s.value = 'tiny'; s.dispatchEvent(new Event('change'));")
+    d.execute_script("const s = document.getElementById('model'); s.value = 'tiny';"
+                     "s.dispatchEvent(new Event('change'));")
 
 
 def test_conversations_are_exported_and_deleted(browser, server) -> None:

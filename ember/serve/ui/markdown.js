@@ -33,7 +33,9 @@ export function render(markdown) {
     paragraph = [];
   };
   const flushList = () => {
-    if (list) out.push(`<${list.tag}>${list.items.map((i) => `<li>${inline(i)}</li>`).join("")}</${list.tag}>`);
+    // an ordered list keeps the number it starts at (a reply may continue one after a code block)
+    const start = list?.start > 1 ? ` start="${list.start}"` : "";
+    if (list) out.push(`<${list.tag}${start}>${list.items.map((i) => `<li>${inline(i)}</li>`).join("")}</${list.tag}>`);
     list = null;
   };
   for (let i = 0; i < lines.length; i++) {
@@ -56,7 +58,7 @@ export function render(markdown) {
     } else if (item) {
       flushParagraph();
       const tag = /\d/.test(item[1]) ? "ol" : "ul";
-      if (list?.tag !== tag) { flushList(); list = { tag, items: [] }; }
+      if (list?.tag !== tag) { flushList(); list = { tag, items: [], start: parseInt(item[1], 10) }; }
       list.items.push(item[2]);
     } else if (!line.trim()) {
       flushParagraph(); flushList();
