@@ -10,7 +10,8 @@
     POST /v1/chat/completions      chat.py
     POST /tokenize, /detokenize    vLLM's: a prompt or messages -> ids (+ strings); ids -> text
     GET  /metrics                  Prometheus text (metrics.py)
-    GET  /, /ui/*                  the chat page (webui.py; ui=False / --no-ui leaves it out)
+    GET  /, /ui/*                  the chat page (webui.py; ui=False / --no-ui leaves it out), with
+    GET  /v1/rag/source?path=      the text of a file the RAG index was built from (its source links)
 With a RAG index, chat answers are grounded in it and return their sources (grounding.py).
 
 Every failure is an OpenAI-style error body (errors.py): bad JSON or fields 400 naming the

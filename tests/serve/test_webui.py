@@ -72,3 +72,13 @@ def test_rag_source_reads_only_indexed_files(tmp_path) -> None:
     assert e.value.status == 404
     with pytest.raises(APIError):
         read_source(str(tmp_path / "gone.md"), indexed=True)
+
+
+def test_without_chromium_the_browser_tests_skip_and_say_how_to_install_it(monkeypatch) -> None:
+    pytest.importorskip("selenium")
+    from tests.serve import browser
+
+    monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match="make browser-deps"):
+        with browser.chrome():
+            pass
