@@ -86,10 +86,14 @@ async function loadModels() {
     const select = $("model");
     select.replaceChildren(...ids.map((id) => new Option(id, id)));
     if (ids.includes(settings.model)) select.value = settings.model;
+    showNotice("");
     document.body.dataset.state = "ready";
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) askKey(explain(e));
-    else showNotice(explain(e));
+    else {
+      showNotice(explain(e));
+      document.body.dataset.state = "ready";  // the page still works: the server may come back
+    }
   }
 }
 
@@ -100,10 +104,9 @@ function askKey(reason) {
   if (!$("key-dialog").open) $("key-dialog").showModal();
 }
 
-function showNotice(text) {
-  const c = conversation() ?? (startNew(), conversation());
-  c.messages.push({ role: "assistant", content: "", error: text });
-  drawMessages();
+function showNotice(text) {  // about the server, not the conversation: shown, never saved
+  $("notice").textContent = text;
+  $("notice").hidden = !text;
 }
 
 async function openSource(source) {
