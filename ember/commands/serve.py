@@ -3,11 +3,12 @@
     ember serve --model runs/quickstart/base                          # http://127.0.0.1:8000/v1
     ember serve --model DIR --served-model-name qs --api-key sk-local --max-num-seqs 128
     ember serve --model DIR --host 0.0.0.0 --port 9000 --max-model-len 2048 --kv-cache-memory 4
+    ember serve --model smollm2-135m-instruct                        # then open http://127.0.0.1:8000/ to chat
     ember serve --model DIR --rag-index runs/idx          # chat answers grounded in an `ember rag` index
     ember serve --model runs/quickstart/pretrained --adapter runs/quickstart/finetune/adapter   # + a LoRA adapter
 
 Routes: /v1/completions, /v1/chat/completions (streaming with `"stream": true`), /v1/models,
-/tokenize, /detokenize, /health, /metrics (Prometheus). It binds to 127.0.0.1 unless --host
+/tokenize, /detokenize, /health, /metrics (Prometheus), and a chat page at / (--no-ui: none). It binds to 127.0.0.1 unless --host
 says otherwise; --api-key guards /v1/*. Requests beyond max_num_seqs running + --max-queue-len
 waiting get HTTP 429. SIGTERM (or Ctrl-C) drains the requests in flight for at most
 --drain-timeout seconds, then exits. Every engine flag of `ember.LLM` is available. With
@@ -60,6 +61,8 @@ class ServeConfig(EngineConfig):
     log_interval: float = field(default=10.0, kw_only=True, metadata={
         "help": "seconds between throughput log lines (0: off)"})
     access_log: bool = field(default=True, kw_only=True, metadata={"help": "log one line per HTTP request"})
+    ui: bool = field(default=True, kw_only=True, metadata={
+        "help": "serve the chat page at / (--no-ui: the JSON API only)"})
     rag_index: Path | None = field(default=None, kw_only=True, metadata={
         "help": "ground chat answers in this `ember rag` index (responses list their sources)"})
     rag_k: int = field(default=5, kw_only=True, metadata={"help": "sources retrieved per grounded request"})
@@ -124,7 +127,7 @@ def build(cfg: ServeConfig):
     return create_app(cfg.model, cfg.tokenizer, served_model_name=cfg.served_model_name, api_key=cfg.api_key,
                       max_queue_len=cfg.max_queue_len, max_body_bytes=int(cfg.max_body_mb * 2 ** 20),
                       log_interval=cfg.log_interval, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter,
-                      rag_index=cfg.rag_index,
+                      rag_index=cfg.rag_index, ui=cfg.ui,
                       rag_k=cfg.rag_k, rag_mode=cfg.rag_mode, rag_max_tokens=cfg.rag_max_tokens, **engine_kwargs(cfg))
 
 
@@ -136,6 +139,8 @@ def main(cfg: ServeConfig) -> None:
     log.info("serving %s as %r on http://%s:%d/v1 (max_model_len %d, %d running + %d queued requests)",
              cfg.model, serving.model_name, cfg.host, cfg.port, serving.max_model_len,
              cfg.max_num_seqs, cfg.max_queue_len)
+    if cfg.ui:
+        log.info("chat page: http://%s:%d/", cfg.host, cfg.port)
     serve(app, host=cfg.host, port=cfg.port, drain_timeout=cfg.drain_timeout, access_log=cfg.access_log)
 
 

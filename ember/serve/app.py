@@ -10,6 +10,8 @@
     POST /v1/chat/completions      chat.py
     POST /tokenize, /detokenize    vLLM's: a prompt or messages -> ids (+ strings); ids -> text
     GET  /metrics                  Prometheus text (metrics.py)
+    GET  /, /ui/*                  the chat page (webui.py; ui=False / --no-ui leaves it out), with
+    GET  /v1/rag/source?path=      the text of a file the RAG index was built from (its source links)
 With a RAG index, chat answers are grounded in it and return their sources (grounding.py).
 
 Every failure is an OpenAI-style error body (errors.py): bad JSON or fields 400 naming the
@@ -47,6 +49,7 @@ from ember.serve.middleware import ApiKeyGuard, BodyLimit
 from ember.serve.protocol import DetokenizeRequest, TokenizeRequest
 from ember.serve.serving import Serving
 from ember.serve.streaming import ClientDisconnected
+from ember.serve.webui import add_ui
 from ember.tokenizer import Tokenizer
 
 log = logging.getLogger("ember.serve")
@@ -56,7 +59,7 @@ def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathL
                served_model_name: str | None = None, api_key: str | None = None, max_queue_len: int = 256,
                max_body_bytes: int = 16 * 2 ** 20, log_interval: float = 10.0, dtype: str = "float32",
                device: str | None = None, adapter: str | os.PathLike | None = None, rag_index: str | os.PathLike | None = None, rag_k: int = 5,
-               rag_mode: str = "hybrid", rag_max_tokens: int = 256, **engine_config: Any) -> FastAPI:
+               rag_mode: str = "hybrid", rag_max_tokens: int = 256, ui: bool = True, **engine_config: Any) -> FastAPI:
     """Load a model folder (or a Transformer; a LoRA `adapter` folder on top) into an AsyncLLMEngine
     and build the app around it; with rag_index, chat answers are grounded in that index (grounding.py)."""
     engine = AsyncLLMEngine(LLM(model, tokenizer, dtype=dtype, device=device, adapter=adapter, **engine_config).engine)
@@ -65,11 +68,11 @@ def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathL
     grounding = Grounding(rag_index, rag_k, rag_mode, rag_max_tokens) if rag_index is not None else None
     name = served_model_name or ("ember" if isinstance(model, Transformer) else str(model))
     serving = Serving(engine, name, max_queue_len, ServerMetrics(engine.stats, name), grounding)
-    return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval)
+    return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval, ui=ui)
 
 
 def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = 16 * 2 ** 20,
-              log_interval: float = 10.0) -> FastAPI:
+              log_interval: float = 10.0, ui: bool = True) -> FastAPI:
     """The app for one Serving; see the module docstring."""
     from ember import __version__
 
@@ -152,6 +155,9 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if ui:
+        add_ui(app, serving)
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, on_reject=serving.metrics.count_failure)
     if api_key:

@@ -49,6 +49,12 @@ class Grounding:
             raise bad_request(str(e), "messages") from None
         return grounded.messages, [asdict(s) for s in grounded.sources]
 
+    def document(self, path: str) -> str:
+        """The text of one indexed source, for the chat page's source links (webui.py)."""
+        from ember.serve.webui import read_source
+
+        return read_source(path, path in self.index.manifest)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self.index.close()
