@@ -19,7 +19,9 @@ Like with like:
     llama-bench pp512 against ember's engine prefilling a 512-token prompt in one step.
   * differences that remain, printed with the table: ember's KV cache is fp32 (lossless),
     llama.cpp's default f16; llama.cpp quantizes activations to 8 bits for its integer dot
-    products, ember keeps them fp32; ember's step includes its scheduler and sampler (Python).
+    products, ember keeps them fp32 unless asked; ember's step includes its scheduler and sampler (Python).
+  * the Q8_0 / Q4_0 files once more with ember's int8 activations at batch 1 (EngineConfig
+    int8_activations: llama.cpp's arithmetic, x rounded to 8 bits per block of 32), labelled;
   * ember's own formats too: `ember quantize --method int8` and RTN 4-bit g32, each with
     `--quantize-head` (Q8_0 embedding and head), beside llama.cpp's Q8_0 / Q4_0 file;
   * the roofline: bytes a decode step must read (every weight once, the KV cache aside) over the
@@ -55,8 +57,10 @@ from ember.quant.base import QuantLinear  # noqa: E402
 TYPES = ("f32", "q8_0", "q4_0")
 # ember's own quantized formats (`ember quantize ... --quantize-head`), each set beside the
 # llama.cpp file of its bit width
-OWN = {"int8": "q8_0", "rtn4": "q4_0"}
+# ... and the same files with int8 activations (llama.cpp's arithmetic; EngineConfig.int8_activations)
+OWN = {"q8_0+i8a": "q8_0", "q4_0+i8a": "q4_0", "int8": "q8_0", "rtn4": "q4_0"}
 LABEL = {"f32": "fp32 / f32", "q8_0": "Q8_0 blocks / Q8_0", "q4_0": "Q4_0 blocks / Q4_0",
+         "q8_0+i8a": "Q8_0, int8 act. / Q8_0", "q4_0+i8a": "Q4_0, int8 act. / Q4_0",
          "int8": "int8+q8 head / Q8_0", "rtn4": "rtn4 g32+q8 head / Q4_0"}
 
 
@@ -194,8 +198,9 @@ def main() -> None:
     # One engine per model, kept for the whole run (loading is not what is timed).
     engine_cfg = dict(max_num_seqs=max(args.requests, 1), kv_cache_memory=1.0, max_num_batched_tokens=max(args.pp, 2048))
     llms = {k: LLM(f, **engine_cfg) for k, f in files.items()}
+    llms.update({f"{k}+i8a": LLM(files[k], int8_activations=True, **engine_cfg) for k in ("q8_0", "q4_0")})
     llms.update({k: LLM(m, tok, **engine_cfg) for k, m in models.items()})
-    kinds = TYPES + tuple(OWN)
+    kinds = TYPES + ("q8_0+i8a", "q4_0+i8a", "int8", "rtn4")
     nbytes, held = {}, {}
     for k, llm in llms.items():
         nbytes[k], held[k] = weight_bytes_streamed_and_held(llm.engine.runner.model)
@@ -239,9 +244,10 @@ def main() -> None:
     print("tokens/s; RAM MB: ember's weights in memory (packed kernel copies included); read MB: weight bytes a "
           "decode step streams; roofline = read bandwidth / read MB (the KV cache aside). ember: fp32 "
           "activations, weights dequantized in registers, fp32 KV cache, Python scheduler+sampler per step; "
-          "llama.cpp: activations quantized to 8 bits for integer dot products, f16 KV cache. The last two rows "
-          "are ember's own formats (quantized in this process from the same weights, so not the file's values) "
-          "beside llama.cpp's row of the same bit width.")
+          "llama.cpp: activations quantized to 8 bits for integer dot products, f16 KV cache. 'int8 act.': "
+          "the same files with ember's int8 activations at batch 1 (llama.cpp's arithmetic; prefill stays fp32). "
+          "The last two rows are ember's own formats (quantized in this process from the same weights, so not "
+          "the file's values) beside llama.cpp's row of the same bit width.")
 
     if args.requests:
         thr: dict[str, list[float]] = {}

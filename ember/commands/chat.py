@@ -32,13 +32,16 @@ class ChatConfig:
     seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     kv_cache_memory: float = field(default=1.0, metadata={"help": "GiB for the KV cache"})
+    int8_activations: bool = field(default=False, metadata={
+        "help": "quantized models: int8 activations at batch-1 decode, as llama.cpp (faster, logits move slightly)"})
 
 
 CONFIG = ChatConfig
 
 
 def main(cfg: ChatConfig) -> None:
-    llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, adapter=cfg.adapter, kv_cache_memory=cfg.kv_cache_memory)
+    llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, adapter=cfg.adapter, kv_cache_memory=cfg.kv_cache_memory,
+              int8_activations=cfg.int8_activations)
     engine, tok = llm.engine, llm.get_tokenizer()
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_tokens=cfg.max_tokens)
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
