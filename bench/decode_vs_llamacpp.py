@@ -98,9 +98,10 @@ def ember_decode(llm: LLM, tokens: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def ember_prefill(llm: LLM, tokens: int, vocab: int) -> float:
-    """tokens/s of prefilling one `tokens`-token prompt in one engine step."""
-    g = torch.Generator().manual_seed(0)
+def ember_prefill(llm: LLM, tokens: int, vocab: int, seed: int) -> float:
+    """tokens/s of prefilling one fresh `tokens`-token prompt (a new seed each call, and the
+    engines run without prefix caching: nothing is reused) in one engine step."""
+    g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, vocab, (tokens,), generator=g).tolist()
     engine = llm.engine
     engine.add_request("pp", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
@@ -196,7 +197,8 @@ def main() -> None:
     del dense
 
     # One engine per model, kept for the whole run (loading is not what is timed).
-    engine_cfg = dict(max_num_seqs=max(args.requests, 1), kv_cache_memory=1.0, max_num_batched_tokens=max(args.pp, 2048))
+    engine_cfg = dict(max_num_seqs=max(args.requests, 1), kv_cache_memory=1.0, enable_prefix_caching=False,
+                      max_num_batched_tokens=max(args.pp, 2048))
     llms = {k: LLM(f, **engine_cfg) for k, f in files.items()}
     llms.update({f"{k}+i8a": LLM(files[k], int8_activations=True, **engine_cfg) for k in ("q8_0", "q4_0")})
     llms.update({k: LLM(m, tok, **engine_cfg) for k, m in models.items()})
@@ -207,7 +209,7 @@ def main() -> None:
     matrix = torch.ones(16384, 8192)
     for llm in llms.values():  # warm-up: kernels compiled and weights packed, first allocations made
         ember_decode(llm, args.tg)
-        ember_prefill(llm, args.pp, vocab)
+        ember_prefill(llm, args.pp, vocab, seed=10_000)
 
     res: dict[tuple[str, str, str], list[float]] = {}
     bandwidths = []
@@ -218,7 +220,7 @@ def main() -> None:
                 if side == "llama.cpp" and (binary is None or kind in OWN):
                     continue
                 if side == "ember":
-                    tg, pp = ember_decode(llms[kind], args.tg), ember_prefill(llms[kind], args.pp, vocab)
+                    tg, pp = ember_decode(llms[kind], args.tg), ember_prefill(llms[kind], args.pp, vocab, seed=r)
                 else:
                     tg = llama_bench(binary, files[kind], args.threads, 0, args.tg)
                     pp = llama_bench(binary, files[kind], args.threads, args.pp, 0)
