@@ -18,8 +18,9 @@ tokenizer for. Decode speed does not depend on the weights' values, so a random 
 Quality (--quality, needs a trained model folder with its tokenizer): every method quantized
 from the same fp32 model and scored on the held-out text (see `ember quantize`), each perplexity
 and change with a bootstrap standard error over the scoring windows (changes paired with fp32's
-windows). --eval-tokens asks for 100k tokens; the bundled corpus's held-out split holds ~15k, so
-with it all of that is scored (a note says so): pass --eval-data files for a larger set.
+windows). --eval-tokens asks for 100k tokens of held-out text: the bundled corpus's held-out
+documents (~15k tokens) and then standard-library code past its code cap, which no model trained
+on the bundled corpus has seen; --eval-data scores your own files instead.
 """
 
 from __future__ import annotations

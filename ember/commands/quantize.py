@@ -7,10 +7,11 @@ with the unquantized model on held-out perplexity, size and batch-1 decode speed
 
 The saved folder loads with `ember.load_model` (and the tokenizer is copied alongside). GPTQ and
 AWQ calibrate on `--calib-samples` windows of `--calib-seq-len` tokens drawn from the bundled
-corpus's training documents (or your files); perplexity is measured on its held-out documents,
-with a bootstrap standard error over the scoring windows beside each perplexity and change.
-`--eval-tokens` asks for about that many held-out tokens; where the held-out text holds fewer (the
-bundled corpus's split holds ~15k), all of it is scored and a note says so.
+corpus's training documents (or your files); perplexity is measured on text the bundled corpus
+never trains on (its held-out documents, ~15k tokens, then standard-library code past its code
+cap), with a bootstrap standard error over the scoring windows beside each perplexity and change.
+`--eval-tokens` (default 100k) asks for about that many held-out tokens; where the held-out text
+holds fewer (e.g. your own small file), all of it is scored and a note says so.
 """
 
 from __future__ import annotations

@@ -55,8 +55,11 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts))
 
 
-def stdlib_sources(max_bytes: int | None = None) -> Iterator[Document]:
-    """Standard-library source files as text; files that are not valid UTF-8 are skipped."""
+def stdlib_sources(max_bytes: int | None = None, after: bool = False) -> Iterator[Document]:
+    """Standard-library source files as text; files that are not valid UTF-8 are skipped.
+
+    max_bytes: stop before the first file that would take the total past it. after=True yields
+    the files from there on instead: the code a corpus capped at max_bytes never contains."""
     total = 0
     for path in stdlib_files():
         try:
@@ -66,7 +69,12 @@ def stdlib_sources(max_bytes: int | None = None) -> Iterator[Document]:
         if not text.strip():
             continue
         if max_bytes is not None and total + len(text) > max_bytes:
-            return
+            if not after:
+                return
+            max_bytes = None  # past the cap: every later file
+        elif after and max_bytes is not None:
+            total += len(text)
+            continue
         total += len(text)
         yield Document(str(path), text)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ember.data.shards import VAL_FRACTION, holdout_key
-from ember.data.sources import Document, documents
+from ember.data.sources import Document, documents, stdlib_sources
 from ember.errors import EmberError
 from ember.model.rope import rope_cos_sin
 from ember.model.transformer import Transformer
@@ -41,6 +41,19 @@ def split_documents(spec: list[str], held_out: bool, code_bytes: int | None = 4_
         for doc in documents(["bundled"], code_bytes=code_bytes):
             if (holdout_key(doc.text) < VAL_FRACTION) == held_out:
                 yield doc
+    paths = [s for s in spec if s != "bundled"]
+    if paths:
+        yield from documents(paths)
+
+
+def heldout_documents(spec: list[str], code_bytes: int | None = 4_000_000) -> Iterator[Document]:
+    """Text no model trained on the bundled corpus has seen, for scoring: the bundled corpus's
+    held-out documents, then the standard-library files past its code cap (`code_bytes`), which
+    it never contains (several MB: room for 100k+ tokens); user files whole."""
+    bundled = "bundled" in spec
+    yield from split_documents(["bundled"] if bundled else [], held_out=True, code_bytes=code_bytes)
+    if bundled and code_bytes is not None:
+        yield from stdlib_sources(max_bytes=code_bytes, after=True)
     paths = [s for s in spec if s != "bundled"]
     if paths:
         yield from documents(paths)

@@ -31,7 +31,7 @@ from ember.eval.loglikelihood import prefix_token_id, score_spans
 from ember.eval.perplexity import PerplexityResult, rolling_spans
 from ember.eval.stats import perplexity_delta_stderr, perplexity_stderr
 from ember.model.generate import generate
-from ember.quant.calibration import split_documents
+from ember.quant.calibration import heldout_documents
 from ember.quant.gguf_embedding import GGUFEmbedding
 from ember.quant.gguf_linear import GGUFLinear
 from ember.quant.linear import QUANT_LINEARS, quantizable_linears, weight_bytes
@@ -125,10 +125,11 @@ def fp32_bytes(model: nn.Module) -> int:
 
 
 def heldout_set(tokenizer, data: list[str], max_tokens: int) -> HeldOutSet:
-    """Held-out documents (bundled: the pretraining split's validation documents) up to about
-    max_tokens (whole documents, so the last may overshoot), or all of them if they hold fewer."""
+    """Held-out documents up to about max_tokens (whole documents, so the last may overshoot), or
+    all of them if they hold fewer. bundled: the pretraining split's validation documents, then
+    standard-library code past the corpus's code cap (calibration.heldout_documents)."""
     texts, count = [], 0
-    for doc in split_documents(data, held_out=True):
+    for doc in heldout_documents(data):
         texts.append(doc.text)
         count += len(tokenizer.encode(doc.text, add_special_tokens=False))
         if count >= max_tokens:

@@ -96,3 +96,26 @@ def test_quantize_cli_clamps_eval_tokens_with_a_note(tmp_path, capsys) -> None:
     assert "bootstrap standard error over windows" in out
     int8 = next(line for line in out.splitlines() if line.startswith("int8"))
     assert "±" in int8.split()[6] and int8.split()[6].endswith("%")
+
+
+def test_bundled_heldout_reaches_100k_tokens_of_text_the_corpus_never_trains_on() -> None:
+    """The bundled held-out set: the split's held-out documents, then stdlib code past the
+    corpus's code cap; none of it is a training document of the bundled corpus."""
+    from ember.data.sources import stdlib_sources
+    from ember.quant.calibration import heldout_documents, split_documents
+
+    docs = []
+    words = 0
+    for doc in heldout_documents(["bundled"]):
+        docs.append(doc)
+        words += len(doc.text.split())
+        if words >= 100_000:  # whitespace words: fewer than tokens
+            break
+    assert words >= 100_000
+    names = [d.source for d in docs]
+    assert len(set(names)) == len(names)
+    training = {d.source for d in split_documents(["bundled"], held_out=False)}
+    assert not training.intersection(names)
+    capped = {d.source for d in stdlib_sources(max_bytes=4_000_000)}
+    past = [d.source for d in stdlib_sources(max_bytes=4_000_000, after=True)]
+    assert past and not capped.intersection(past)
