@@ -187,9 +187,8 @@ def test_greedy_tokens_match_the_pytorch_path(method: str, monkeypatch) -> None:
     assert run() == expected
 
 
-def test_portable_build_computes_the_same(tmp_path) -> None:
-    """quant_linear.c built for a CPU without AVX2 / F16C (its portable decoders; and without
-    OpenMP) gives the reference's dequantized weights exactly and its products within tolerance."""
+def _portable_library(tmp_path) -> ctypes.CDLL:
+    """linear.c + quant_linear.c built for a plain x86-64 (no AVX2 / F16C), without OpenMP."""
     lib_path = tmp_path / "portable.so"
     flags = [f if f != "-march=native" else "-march=x86-64" for f in native.FLAGS]
     sources = [str(native.KERNELS / n) for n in ("linear.c", "quant_linear.c")]
@@ -201,6 +200,13 @@ def test_portable_build_computes_the_same(tmp_path) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ember_qlinear.argtypes = [i64] + [p] * 5 + [i64] * 3 + [p]
     lib.ember_qdequant.argtypes = [i64, p, p, i64, i64, p]
+    return lib
+
+
+def test_portable_build_computes_the_same(tmp_path) -> None:
+    """quant_linear.c built for a CPU without AVX2 / F16C (its portable decoders; and without
+    OpenMP) gives the reference's dequantized weights exactly and its products within tolerance."""
+    lib = _portable_library(tmp_path)
     for name in ("int8", "q8_0", "q4_0", "q4_1", "gptq4-g32", "nf4-double"):
         layer = LAYERS[name][0]().eval()
         packed = layer.packed_weight()
@@ -298,16 +304,7 @@ def test_int8_activations_equal_the_reference_on_rounded_activations(name: str) 
 
 def test_int8_activations_portable_build_computes_the_same(tmp_path) -> None:
     """Without AVX2 the integer block sums are the same exact integers."""
-    lib_path = tmp_path / "portable.so"
-    flags = [f if f != "-march=native" else "-march=x86-64" for f in native.FLAGS]
-    sources = [str(native.KERNELS / n) for n in ("linear.c", "quant_linear.c")]
-    subprocess.run([os.environ.get("CC", "cc"), *flags, "-shared", *sources, "-o", str(lib_path), "-lm"], check=True,
-                   capture_output=True, timeout=120)
-    lib = ctypes.CDLL(str(lib_path))
-    lib.ember_qlinear_scratch.restype = ctypes.c_int64
-    lib.ember_qlinear_scratch.argtypes = [ctypes.c_int64] * 3
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.ember_qlinear.argtypes = [i64] + [p] * 5 + [i64] * 3 + [p]
+    lib = _portable_library(tmp_path)
     for name in ("int8", "q8_0", "q4_0", "q4_1", "gptq4-g32"):
         layer = LAYERS[name][0]().eval()
         packed = layer.packed_weight()
