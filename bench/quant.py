@@ -84,7 +84,8 @@ def bench_speed(base: Transformer, tokens: int, rounds: int) -> None:
 
 
 def bench_quality(model_dir: Path, eval_tokens: int, calib_samples: int, seq_len: int,
-                  decode_tokens: int = 32, eval_data: list[str] | None = None) -> None:
+                  decode_tokens: int = 32, eval_data: list[str] | None = None,
+                  only: list[str] | None = None) -> None:
     tok = ember.load_tokenizer(model_dir)
     base = ember.load_model(model_dir)
     eval_data = eval_data or ["bundled"]
@@ -99,6 +100,12 @@ def bench_quality(model_dir: Path, eval_tokens: int, calib_samples: int, seq_len
                 ("gptq-4b-g128", dict(method="gptq", bits=4)), ("awq-4b-g128", dict(method="awq", bits=4)),
                 ("rtn-3b-g128", dict(method="rtn", bits=3)), ("gptq-3b-g128", dict(method="gptq", bits=3)),
                 ("awq-3b-g128", dict(method="awq", bits=3))]
+    if only:
+        unknown = sorted(set(only) - {label for label, _ in settings})
+        if unknown:
+            raise SystemExit(f"--methods: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(label for label, _ in settings)}")
+        settings = [(label, kw) for label, kw in settings if label in only]
     for label, kw in settings:
         t0 = time.perf_counter()
         qcfg = QuantConfig(**(kw or {"method": label}))
@@ -126,6 +133,8 @@ def main() -> None:
                    help="held-out text: 'bundled' (its held-out split) and/or files and folders")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="quality rows to run (default all): int8 nf4 rtn-4b-g128 gptq-4b-g128 awq-4b-g128 ...")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +147,7 @@ def main() -> None:
         if args.model is None:
             p.error("--quality needs --model (a trained model folder with its tokenizer)")
         bench_quality(args.model, args.eval_tokens, args.calib_samples, args.seq_len, args.quality_decode_tokens,
-                      args.eval_data)
+                      args.eval_data, args.methods)
 
 
 if __name__ == "__main__":
