@@ -47,6 +47,7 @@ from ember.serve.middleware import ApiKeyGuard, BodyLimit
 from ember.serve.protocol import DetokenizeRequest, TokenizeRequest
 from ember.serve.serving import Serving
 from ember.serve.streaming import ClientDisconnected
+from ember.serve.tool_parsers import tool_parser
 from ember.tokenizer import Tokenizer
 
 log = logging.getLogger("ember.serve")
@@ -56,15 +57,18 @@ def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathL
                served_model_name: str | None = None, api_key: str | None = None, max_queue_len: int = 256,
                max_body_bytes: int = 16 * 2 ** 20, log_interval: float = 10.0, dtype: str = "float32",
                device: str | None = None, adapter: str | os.PathLike | None = None, rag_index: str | os.PathLike | None = None, rag_k: int = 5,
-               rag_mode: str = "hybrid", rag_max_tokens: int = 256, **engine_config: Any) -> FastAPI:
+               rag_mode: str = "hybrid", rag_max_tokens: int = 256, tool_call_parser: str | None = None,
+               **engine_config: Any) -> FastAPI:
     """Load a model folder (or a Transformer; a LoRA `adapter` folder on top) into an AsyncLLMEngine
-    and build the app around it; with rag_index, chat answers are grounded in that index (grounding.py)."""
+    and build the app around it; with rag_index, chat answers are grounded in that index (grounding.py);
+    tool_call_parser names the tool-call format (tool_parsers.py; default: from the chat template)."""
+    tool_parser(tool_call_parser)  # an unknown name fails before the model loads
     engine = AsyncLLMEngine(LLM(model, tokenizer, dtype=dtype, device=device, adapter=adapter, **engine_config).engine)
     if engine.engine.tokenizer is None:
         raise EmberError("the server needs a tokenizer: give a model folder with tokenizer files, or --tokenizer")
     grounding = Grounding(rag_index, rag_k, rag_mode, rag_max_tokens) if rag_index is not None else None
     name = served_model_name or ("ember" if isinstance(model, Transformer) else str(model))
-    serving = Serving(engine, name, max_queue_len, ServerMetrics(engine.stats, name), grounding)
+    serving = Serving(engine, name, max_queue_len, ServerMetrics(engine.stats, name), grounding, tool_call_parser)
     return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval)
 
 
