@@ -48,6 +48,7 @@ from ember.serve.protocol import DetokenizeRequest, TokenizeRequest
 from ember.serve.serving import Serving
 from ember.serve.streaming import ClientDisconnected
 from ember.serve.tool_parsers import tool_parser
+from ember.serve.tools import ToolPlan, template_messages
 from ember.tokenizer import Tokenizer
 
 log = logging.getLogger("ember.serve")
@@ -136,9 +137,12 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             ids = await serving.encode(req.prompt, add_special)
         else:
-            ids = await render_prompt(serving, message_dicts(req.messages), req.add_generation_prompt,
-                                      req.continue_final_message, bool(req.add_special_tokens), None,
-                                      req.chat_template_kwargs)
+            template = serving.tokenizer.chat_template
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            plan = ToolPlan("auto" if tools else "none", tool_parser(serving.tool_call_parser, template), tools)
+            ids = await render_prompt(serving, template_messages(message_dicts(req.messages), plan, template),
+                                      req.add_generation_prompt, req.continue_final_message,
+                                      bool(req.add_special_tokens), tools, req.chat_template_kwargs)
         out = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = serving.tokenizer.convert_ids_to_tokens(ids)

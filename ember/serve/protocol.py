@@ -226,6 +226,7 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # rendered as chat completions renders them
     add_special_tokens: bool | None = None  # unset: True for a prompt, False for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -113,10 +113,10 @@ def template_messages(msgs: list[dict[str, Any]], plan: ToolPlan, chat_template:
 
 
 def _tool_prompt(tools: list[dict[str, Any]]) -> str:
-    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return ("You may call one or more functions. Their signatures, as JSON schemas:\n<tools>\n" + listed +
-            "\n</tools>\nTo call a function, reply with one block per call:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+    # Hermes' wording, shortened: small models have small contexts
+    listed = "\n".join(json.dumps(t["function"], ensure_ascii=False, separators=(",", ":")) for t in tools)
+    return ("You may call functions. Their JSON schemas:\n<tools>\n" + listed + "\n</tools>\n"
+            'To call one, reply <tool_call>{"name": <name>, "arguments": <args object>}</tool_call>')
 
 
 class ToolReply:
