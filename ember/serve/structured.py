@@ -34,15 +34,15 @@ def structured_outputs_of(req: SamplingFields) -> StructuredOutputsParams | None
         schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {"type": "object"}
         found.append(("response_format", {"json": schema}))
     if req.structured_outputs is not None:
-        found.append(("structured_outputs", req.structured_outputs.model_dump(by_alias=True, exclude_none=True)))
+        so = req.structured_outputs  # its unknown fields are ignored, as everywhere
+        found.append(("structured_outputs", so.model_dump(by_alias=True, exclude_none=True,
+                                                          exclude=set(so.model_extra or ()))))
     for name, kind in _GUIDED.items():
         value = getattr(req, name)
         if value is not None:
             found.append((name, {kind: value}))
     if not found:
-        if req.guided_whitespace_pattern is not None:
-            raise bad_request("guided_whitespace_pattern needs guided_json", "guided_whitespace_pattern")
-        return None
+        return None  # a lone guided_whitespace_pattern shapes nothing (vLLM ignores it too)
     if len(found) > 1:
         names = ", ".join(dict.fromkeys(name for name, _ in found))
         raise bad_request(f"give one structured-outputs constraint, got several ({names})", found[1][0])
