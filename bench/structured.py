@@ -12,6 +12,10 @@ other jobs on a shared machine disturb it much less).
 Then the mask alone: llguidance filling 1 and 32 masks over the 49,152-token vocabulary, the
 work the engine overlaps with the forward pass. Timings on a shared machine vary; ratios are
 within one run. Target (issue 22): masks cost <= 10 % at batch 32.
+
+Measured (2 shared cores, --threads 1, 32 tokens): batch 1 24.7 free vs 24.0 constrained tok/s
+(3.0 % cost), batch 32 235.9 vs 219.7 (6.9 %; 7.2 % per CPU-second); mask fill 17 us per step
+for one request, 121 us for 32.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@
 
 Why llguidance (the `structured` extra): a Rust wheel without Python dependencies that computes a
 token mask by walking the vocabulary trie once per step. Measured on SmolLM2's 49,152-token
-vocabulary (a 2-core CPU): ~14 us per mask for a JSON schema at the median step (the first mask
-of a fresh grammar ~3 ms), a schema compiles in ~1 ms, and 32 masks in parallel take ~0.4 ms, far
-below one decode step. Its vocabulary view (LLTokenizer) is built once per engine, lazily,
+vocabulary (a shared 2-core CPU): 14-17 us per mask for a JSON schema at the median step (the
+first mask of a fresh grammar ~3 ms), a schema compiles in ~1 ms, and 32 masks take ~0.12-0.4 ms,
+far below one decode step; end to end, JSON-schema requests decode 3 % (batch 1) and 7 % (batch
+32) slower than free ones (bench/structured.py). Its vocabulary view (LLTokenizer) is built once per engine, lazily,
 from the tokenizer's own tokenizer.json (~0.2 s for 49k tokens).
 
 A grammar that does not compile raises GrammarError (a SamplingParamsError: the server's 400)
