@@ -295,8 +295,10 @@ class LLMEngine:
         status = None
         done_grammar = False
         if req.matcher is not None:
-            req.matcher.consume_token(token)  # the mask allowed it, so it is accepted
-            done_grammar = req.matcher.is_stopped() and token not in self.eos_token_ids
+            # The mask allowed the token, so it is accepted; False only after an all-masked row was
+            # given EOS (a matcher in its error state): end the request rather than loop on it.
+            accepted = req.matcher.consume_token(token)
+            done_grammar = not accepted or req.matcher.is_stopped()
         if checks and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
             status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = token if token in p.stop_token_ids else None
@@ -304,7 +306,7 @@ class LLMEngine:
             stop = req.detokenizer.append(token, checks)
             if stop is not None:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-        if status is None and done_grammar:  # only EOS could follow: stop now instead of a step later
+        if status is None and done_grammar:  # only EOS could follow (even with ignore_eos): stop now
             status = RequestStatus.FINISHED_STOPPED
         if status is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH

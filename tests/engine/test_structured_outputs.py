@@ -168,3 +168,26 @@ def test_unpack_mask_matches_llguidance(tiny) -> None:
     expected = [t for t in range(tok.vocab_size) if matcher.validate_tokens([t]) == 1]
     assert allowed.nonzero().squeeze(1).tolist() == expected
     assert isinstance(matcher, llguidance.LLMatcher)
+
+
+def test_a_complete_grammar_ends_the_request_even_with_ignore_eos(tiny) -> None:
+    model, tok = tiny
+    llm = LLM(model, tok)
+    for ignore_eos in (False, True):
+        c = llm.generate("Q:", SamplingParams(temperature=1.0, seed=1, max_tokens=50, ignore_eos=ignore_eos,
+                                              structured_outputs=SO(choice=["alpha", "beta"])))[0].outputs[0]
+        assert c.text in ("alpha", "beta") and c.finish_reason == "stop" and c.stop_reason is None
+    _whole(llm)
+
+
+def test_constrained_requests_survive_preemption(tiny) -> None:
+    """A pool too small for the batch preempts (recomputes) requests; their matchers stay in step."""
+    model, tok = tiny
+    llm = LLM(model, tok, num_kv_blocks=12, max_num_seqs=8)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=40, structured_outputs=SO(json=SCHEMAS[7]))
+              for i in range(8)]
+    outs = llm.generate(["A longer prompt that takes a few blocks of the pool"] * 8, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for out in outs:
+        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[7])
+    _whole(llm)
