@@ -78,7 +78,12 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
     req = serving.parse(ChatCompletionRequest, await request.body())
     template = serving.tokenizer.chat_template
     plan = plan_tools(req, serving.tool_call_parser, template)
-    structured = plan.constraint or structured_outputs_of(req)
+    structured = structured_outputs_of(req)
+    if plan.constraint is not None:
+        if structured is not None:
+            raise bad_request("tool_choice 'required' or a named function already constrains the reply: drop "
+                              "response_format / structured_outputs / guided_*", "tool_choice")
+        structured = plan.constraint
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     msgs, sources = message_dicts(req.messages), None

@@ -43,6 +43,7 @@ class ToolPlan:
     function: str | None = None  # the named function
     constraint: StructuredOutputsParams | None = None
     schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parallel: bool = True  # parallel_tool_calls: False keeps the first parsed call only
 
 
 def plan_tools(req: ChatCompletionRequest, parser_name: str | None, chat_template: str | None) -> ToolPlan:
@@ -57,12 +58,9 @@ def plan_tools(req: ChatCompletionRequest, parser_name: str | None, chat_templat
     schemas = {t.function.name: t.function.parameters or _NO_ARGS for t in req.tools}
     if len(schemas) != len(req.tools):
         raise bad_request("tools: function names must be unique", "tools")
-    plan = ToolPlan("auto", parser, tools, schemas=schemas)
+    plan = ToolPlan("auto", parser, tools, schemas=schemas, parallel=req.parallel_tool_calls is not False)
     if choice == "auto":
         return plan
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request("tool_choice 'required' or a named function already constrains the reply: drop "
-                          "response_format", "response_format")
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
                   "required": ["name", "parameters"], "additionalProperties": False}
@@ -140,7 +138,8 @@ class ToolReply:
                 return text, []
             return None, [ParsedCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
         if mode == "auto":
-            return self.plan.parser.parse(text)
+            content, calls = self.plan.parser.parse(text)
+            return content, calls if self.plan.parallel else calls[:1]
         return text, []
 
     def _tool_calls(self, calls: list[ParsedCall]) -> list[dict[str, Any]]:

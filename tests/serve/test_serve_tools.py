@@ -90,6 +90,15 @@ def test_auto_parses_a_hermes_reply_whole_and_streamed(client) -> None:
     assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", r.message.tool_calls[0].function.arguments)]
 
 
+def test_auto_without_parallel_calls_keeps_the_first(client) -> None:
+    two = r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "UTC"\}\}</tool_call><tool_call>\{"name": "get_time", "arguments": \{"zone": "CET"\}\}</tool_call>'
+    for parallel, zones in ((True, ["UTC", "CET"]), (False, ["UTC"])):
+        r = client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS[1:], temperature=0,
+                                           parallel_tool_calls=parallel, extra_body={"guided_regex": two})
+        assert [json.loads(c.function.arguments)["zone"] for c in r.choices[0].message.tool_calls or []] == zones, \
+            (r.choices[0].message.content, r.choices[0].finish_reason)
+
+
 def test_auto_without_a_call_is_plain_content(client) -> None:
     kwargs = dict(model="tiny", messages=MSG, tools=TOOLS, max_tokens=20, temperature=0)
     r = client.chat.completions.create(**kwargs).choices[0]
@@ -123,15 +132,17 @@ def test_tool_choice_none_keeps_tools_out_of_the_prompt(client) -> None:
 
 @pytest.mark.parametrize("fields, words, param", [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not in tools", "tool_choice"),
-    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format", "response_format"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format", "tool_choice"),
+    ({"tool_choice": "required", "guided_regex": "a+"}, "already constrains", "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice", "tool_choice"),
     ({"tools": TOOLS + TOOLS[:1]}, "unique", "tools"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name", None),
 ])
 def test_bad_tool_requests_are_clear_400s(client, fields, words, param) -> None:
     body = {"model": "tiny", "messages": MSG, "tools": TOOLS, "max_tokens": 4, **fields}
+    extra = {k: body.pop(k) for k in list(body) if k.startswith("guided_")}  # vLLM's: not the client's kwargs
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(**body)
+        client.chat.completions.create(**body, extra_body=extra)
     err = e.value.body
     assert words.lower() in err["message"].lower()
     if param is not None:
