@@ -34,12 +34,16 @@ def test_json_schema_answer(client) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
                                                "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
               "required": ["name", "age", "hobbies"], "additionalProperties": False}
-    r = client.chat.completions.create(
-        model="smollm2", temperature=0, max_tokens=120,
-        messages=[{"role": "user", "content": "Invent a person and describe them as JSON."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    kwargs = dict(model="smollm2", temperature=0, max_tokens=120,
+                  messages=[{"role": "user", "content": "Invent a person and describe them as JSON."}],
+                  response_format={"type": "json_schema",
+                                   "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    r = client.chat.completions.create(**kwargs)
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    assert streamed == r.choices[0].message.content
 
 
 def test_tool_call_round_trip(client) -> None:
