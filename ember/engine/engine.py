@@ -239,6 +239,8 @@ class LLMEngine:
         for pl in result.prompt_logits:
             pl.request.prompt_logprobs.extend(
                 self.sampler.prompt_logprobs(pl.logits, pl.targets, pl.request.params.prompt_logprobs))
+        if masks is not None:  # before any fork: a fork copies a matcher the mask thread may still read
+            masks = masks[0], masks[1].result()
         reqs, rows = [], []
         for i, req in enumerate(result.sample_requests):
             reqs.append(req)
@@ -260,7 +262,7 @@ class LLMEngine:
             logits = result.logits if len(rows) == result.logits.shape[0] else result.logits[torch.tensor(rows)]
             row_masks = None
             if masks is not None:  # fork children share their parent's row, and so its mask
-                constrained, bitmask = masks[0], masks[1].result()
+                constrained, bitmask = masks
                 at = {id(r): j for j, r in enumerate(constrained)}
                 picks = [(k, at[id(result.sample_requests[i])]) for k, i in enumerate(rows)
                          if id(result.sample_requests[i]) in at]

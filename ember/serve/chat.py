@@ -3,8 +3,8 @@
 Content may be a string or OpenAI's content parts (text parts only, joined by newlines as vLLM
 does for string templates). `tools` and `tool_choice` are tools.py's (the template, the constraint
 of required / named choices, the parsed tool_calls); response_format and vLLM's structured-outputs
-fields are structured.py's. `max_completion_tokens` (or the older `max_tokens`) defaults to the rest of the context. With a
-RAG index the last user message is grounded in it first (grounding.py).
+fields are structured.py's. `max_completion_tokens` (or the older `max_tokens`) defaults to the
+rest of the context. With a RAG index the last user message is grounded in it first (grounding.py).
 `logprobs: true` with `top_logprobs: k` gives OpenAI's chat shape. A stream starts each choice
 with a `{"role": "assistant"}` delta and ends it with its finish_reason; with
 `stream_options.include_usage` a last chunk carries the usage and no choices.

@@ -95,9 +95,7 @@ def template_messages(msgs: list[dict[str, Any]], plan: ToolPlan, chat_template:
                 except ValueError:
                     pass  # opaque text, as OpenAI keeps it: the template gets the string
             if not knows_calls:
-                m["content"] += "".join(
-                    "<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                                                 ensure_ascii=False) + "\n</tool_call>" for c in calls)
+                m["content"] += "".join(_hermes_call(c["function"]) for c in calls)
                 del m["tool_calls"]
         out.append(m)
     if plan.tools and "tools" not in template:
@@ -107,6 +105,11 @@ def template_messages(msgs: list[dict[str, Any]], plan: ToolPlan, chat_template:
         else:
             out.insert(0, {"role": "system", "content": prompt})
     return out
+
+
+def _hermes_call(function: dict[str, Any]) -> str:
+    body = {"name": function["name"], "arguments": function["arguments"]}
+    return "<tool_call>\n" + json.dumps(body, ensure_ascii=False) + "\n</tool_call>"
 
 
 def _tool_prompt(tools: list[dict[str, Any]]) -> str:

@@ -32,7 +32,8 @@ def client(smollm2, smollm2_file):
 
 def test_json_schema_answer(client) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
-                                               "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+                                               "hobbies": {"type": "array", "items": {"type": "string"},
+                                                           "maxItems": 3}},
               "required": ["name", "age", "hobbies"], "additionalProperties": False}
     kwargs = dict(model="smollm2", temperature=0, max_tokens=120,
                   messages=[{"role": "user", "content": "Invent a person and describe them as JSON."}],

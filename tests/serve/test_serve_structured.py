@@ -78,7 +78,8 @@ def test_streamed_equals_whole(client) -> None:
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.message.content
-    streamed_lps = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    streamed_lps = [t.token for c in chunks if c.choices and c.choices[0].logprobs
+                    for t in c.choices[0].logprobs.content]
     assert streamed_lps == [t.token for t in whole.logprobs.content]
     c = client.completions.create(model="tiny", prompt="Q:", max_tokens=64, temperature=0.9, seed=3,
                                   extra_body={"guided_json": SCHEMAS[0]})
