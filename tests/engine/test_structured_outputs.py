@@ -191,3 +191,35 @@ def test_constrained_requests_survive_preemption(tiny) -> None:
     for out in outs:
         jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[7])
     _whole(llm)
+
+
+def test_children_fork_only_after_the_masks_are_done(tiny, monkeypatch) -> None:
+    """A fork copies its parent's matcher, which the mask thread may be reading: it must wait."""
+    from ember.engine.request import Request
+
+    model, tok = tiny
+    llm = LLM(model, tok)
+    futures = []
+    start, fork = llm.engine.masker.start, Request.fork
+
+    class Awaited:  # "done" once the engine has waited for it, whatever the thread's timing
+        def __init__(self, future):
+            self.future, self.waited = future, False
+
+        def result(self):
+            self.waited = True
+            return self.future.result()
+
+    def recording_start(matchers):
+        futures.append(Awaited(start(matchers)))
+        return futures[-1]
+
+    def checked_fork(self, index):
+        assert futures and futures[-1].waited
+        return fork(self, index)
+
+    monkeypatch.setattr(llm.engine.masker, "start", recording_start)
+    monkeypatch.setattr(Request, "fork", checked_fork)
+    out = llm.generate("JSON:", SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=64,
+                                               structured_outputs=SO(json=SCHEMAS[1])))[0]
+    assert len(out.outputs) == 3 and futures
