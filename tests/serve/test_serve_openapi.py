@@ -38,13 +38,14 @@ SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
 
 @pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="schemathesis not installed (pip install schemathesis)")
-def test_schemathesis_finds_no_server_error(server) -> None:
+def test_schemathesis_finds_no_server_error(server, tmp_path) -> None:
     exe = str(SCHEMATHESIS)
     out = subprocess.run([exe, "run", server.url + "/openapi.json", "--max-examples", "15",
                           "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance",
                           "--generation-deterministic", "--workers", "1", "--phases", "examples,coverage,fuzzing",
                           "--request-timeout", "60"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)  # schemathesis writes its cache into the working directory
     print(out.stdout[-6000:], out.stderr[-2000:], file=sys.stderr)
     assert out.returncode == 0, out.stdout[-4000:]
     assert "Schema validation mismatch" not in out.stdout
