@@ -2,9 +2,12 @@
 
     ember chat --model runs/quickstart/base
     echo "What is a tuple?" | ember chat --model DIR --system "Answer briefly." --temperature 0
+    echo "Describe Ann, 31." | ember chat --model smollm2-135m-instruct --json-schema person.json
 
 Runs on the serving engine (paged KV cache); the conversation goes through the model's chat
 template, so each turn's prompt extends the last and the prefix cache skips recomputing it.
+With --json-schema FILE every reply is a JSON value valid under that schema (constrained
+decoding, ember/engine/grammar.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from pathlib import Path
 
 from ember.checkpoint.registry import MODEL_HELP
 from ember.engine import LLM, SamplingParams
+from ember.engine.structured_outputs import StructuredOutputsParams
+from ember.errors import EmberError
+from ember.jsonfile import read_json_object
 
 
 @dataclass
@@ -34,16 +40,23 @@ class ChatConfig:
     kv_cache_memory: float = field(default=1.0, metadata={"help": "GiB for the KV cache"})
     int8_activations: bool = field(default=False, metadata={
         "help": "quantized models: int8 activations at batch-1 decode, as llama.cpp (faster, logits move slightly)"})
+    json_schema: Path | None = field(default=None, metadata={
+        "help": "JSON schema file: every reply is JSON valid under it (constrained decoding)"})
 
 
 CONFIG = ChatConfig
 
 
 def main(cfg: ChatConfig) -> None:
+    structured = None
+    if cfg.json_schema is not None:  # read before the model loads: a bad file fails fast
+        schema = read_json_object(cfg.json_schema, EmberError, "give --json-schema a JSON schema file")
+        structured = StructuredOutputsParams(json=schema)
     llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, adapter=cfg.adapter, kv_cache_memory=cfg.kv_cache_memory,
               int8_activations=cfg.int8_activations)
     engine, tok = llm.engine, llm.get_tokenizer()
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_tokens=cfg.max_tokens)
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_tokens=cfg.max_tokens,
+                            structured_outputs=structured)
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
     interactive = sys.stdin.isatty()
     for turn, line in enumerate(iter(lambda: _prompt(interactive), None)):

@@ -6,6 +6,7 @@
     ember serve --model smollm2-135m-instruct                        # then open http://127.0.0.1:8000/ to chat
     ember serve --model DIR --rag-index runs/idx          # chat answers grounded in an `ember rag` index
     ember serve --model runs/quickstart/pretrained --adapter runs/quickstart/finetune/adapter   # + a LoRA adapter
+    ember serve --model DIR --tool-call-parser hermes        # how tool calls are read from replies
 
 Routes: /v1/completions, /v1/chat/completions (streaming with `"stream": true`), /v1/models,
 /tokenize, /detokenize, /health, /metrics (Prometheus), and a chat page at / (--no-ui: none). It binds to 127.0.0.1 unless --host
@@ -13,7 +14,8 @@ says otherwise; --api-key guards /v1/*. Requests beyond max_num_seqs running + -
 waiting get HTTP 429. SIGTERM (or Ctrl-C) drains the requests in flight for at most
 --drain-timeout seconds, then exits. Every engine flag of `ember.LLM` is available. With
 --rag-index, chat completions are grounded in the index (unless a request sends "rag": false)
-and list their sources in the response.
+and list their sources in the response. Chat `tools` / `tool_choice` and `response_format` (json_object,
+json_schema) work as OpenAI's; the structured-outputs fields need llguidance (`ember[structured]`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class ServeConfig(EngineConfig):
         "help": "answer budget of a grounded request that sets none (the sources fill the rest)"})
     dtype: str = field(default="float32", kw_only=True, metadata={"help": "float32, bfloat16 or float16"})
     device: str | None = field(default=None, kw_only=True, metadata={"help": "cpu, cuda, ... (default: cpu)"})
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = field(default=None, kw_only=True, metadata={
+        "help": "format of the model's tool calls (default: guessed from the chat template, else hermes)"})
     threads: int | None = field(default=None, kw_only=True, metadata={
         "help": "torch CPU threads (default: all cores but one, left to the HTTP event loop)"})
 
@@ -127,7 +131,7 @@ def build(cfg: ServeConfig):
     return create_app(cfg.model, cfg.tokenizer, served_model_name=cfg.served_model_name, api_key=cfg.api_key,
                       max_queue_len=cfg.max_queue_len, max_body_bytes=int(cfg.max_body_mb * 2 ** 20),
                       log_interval=cfg.log_interval, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter,
-                      rag_index=cfg.rag_index, ui=cfg.ui,
+                      rag_index=cfg.rag_index, ui=cfg.ui, tool_call_parser=cfg.tool_call_parser,
                       rag_k=cfg.rag_k, rag_mode=cfg.rag_mode, rag_max_tokens=cfg.rag_max_tokens, **engine_kwargs(cfg))
 
 

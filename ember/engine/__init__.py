@@ -2,6 +2,7 @@
 
     from ember.engine import LLM, SamplingParams              # offline
     from ember.engine import AsyncLLMEngine, EngineConfig     # streaming, for the HTTP server
+    from ember.engine import StructuredOutputsParams          # constrained decoding (json, regex, ...)
 """
 
 from ember.engine.async_engine import AsyncLLMEngine
@@ -10,8 +11,10 @@ from ember.engine.engine import EngineStats, LLMEngine, RequestError
 from ember.engine.llm import LLM
 from ember.engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams, SamplingParamsError
+from ember.engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
     "AsyncLLMEngine", "CompletionOutput", "EngineConfig", "EngineConfigError", "EngineStats", "LLM", "LLMEngine",
     "Logprob", "RequestError", "RequestMetrics", "RequestOutput", "SamplingParams", "SamplingParamsError",
+    "StructuredOutputsParams",
 ]

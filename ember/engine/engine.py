@@ -7,10 +7,13 @@
 
 One step (docs/architecture.md §4):
     Scheduler.schedule()        token budget, running first, prefix-cache hits, preemption
+    TokenMasker.start()         masks of the constrained requests sampled this step, computed on a
+                                background thread while the forward runs (token_mask.py)
     ModelRunner.execute()       flattened forward over the paged KV cache -> logits
     fork n > 1 groups           children share the prompt's blocks, each samples its own token
-    Sampler                     penalties, filters, seeded draws, logprobs
-    append + stop checks        EOS / stop_token_ids / stop strings (Detokenizer) / length
+    Sampler                     token masks, penalties, filters, seeded draws, logprobs
+    append + stop checks        matcher advanced; EOS / stop_token_ids / stop strings (Detokenizer) /
+                                length / a grammar that is complete (nothing but EOS can follow)
 A request added with stream=True yields a delta output every step it changes (the async
 engine's streams); otherwise one cumulative output when it finishes (LLM.generate).
 `stats()` is what a metrics exporter reads.
@@ -25,12 +28,14 @@ import torch
 
 from ember.engine.config import EngineConfig, EngineConfigError, log_capacity, num_kv_blocks
 from ember.engine.detokenizer import Detokenizer
+from ember.engine.grammar import GrammarCompiler
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.model_runner import ModelRunner
 from ember.engine.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
 from ember.engine.sampler import Sampler
 from ember.engine.sampling_params import SamplingParams, SamplingParamsError
-from ember.engine.scheduler import Scheduler
+from ember.engine.scheduler import Scheduler, SchedulerOutput
+from ember.engine.token_mask import TokenMasker
 from ember.errors import EmberError
 from ember.model.generate import stop_token_ids
 from ember.model.transformer import Transformer
@@ -138,6 +143,8 @@ class LLMEngine:
         self.eos_token_ids = stop_token_ids(mcfg, tokenizer.eos_token_id if tokenizer else None)
         decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
         self.sampler = Sampler(mcfg.vocab_size, self.eos_token_ids, cfg.seed, decode)
+        self.grammars = GrammarCompiler(tokenizer, mcfg.vocab_size, sorted(self.eos_token_ids))
+        self.masker = TokenMasker(mcfg.vocab_size)
         self.groups: dict[str, RequestGroup] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -162,6 +169,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise SamplingParamsError(f"expected SamplingParams, got {type(params).__name__}")
         params.check_vocab(self.model.config.vocab_size)
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)  # GrammarError (a 400) before queueing
         if not prompt_ids:
             raise RequestError("the prompt is empty: give at least one token")
         if params.stop_strings and self.tokenizer is None:
@@ -186,6 +195,8 @@ class LLMEngine:
         seq = Request(request_id, ids, params, max_tokens, arrival_time)
         if self.tokenizer is not None:
             seq.detokenizer = Detokenizer(self.tokenizer, ids, params)
+        if params.structured_outputs is not None:
+            seq.matcher = self.grammars.compile(params.structured_outputs)
         self.groups[request_id] = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, seq, stream)
         self.scheduler.add(seq)
 
@@ -221,12 +232,15 @@ class LLMEngine:
         for req in out.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = scheduled
+        masks = self._start_masks(out)
         result = self.runner.execute(out, self.kv)
         self.scheduler.update_computed(out)
         now = time.time()
         for pl in result.prompt_logits:
             pl.request.prompt_logprobs.extend(
                 self.sampler.prompt_logprobs(pl.logits, pl.targets, pl.request.params.prompt_logprobs))
+        if masks is not None:  # before any fork: a fork copies a matcher the mask thread may still read
+            masks = masks[0], masks[1].result()
         reqs, rows = [], []
         for i, req in enumerate(result.sample_requests):
             reqs.append(req)
@@ -246,7 +260,14 @@ class LLMEngine:
         touched: dict[str, RequestGroup] = {}
         if reqs:
             logits = result.logits if len(rows) == result.logits.shape[0] else result.logits[torch.tensor(rows)]
-            for req, token in zip(reqs, self.sampler(logits, reqs)):
+            row_masks = None
+            if masks is not None:  # fork children share their parent's row, and so its mask
+                constrained, bitmask = masks
+                at = {id(r): j for j, r in enumerate(constrained)}
+                picks = [(k, at[id(result.sample_requests[i])]) for k, i in enumerate(rows)
+                         if id(result.sample_requests[i]) in at]
+                row_masks = ([k for k, _ in picks], bitmask[[j for _, j in picks]])
+            for req, token in zip(reqs, self.sampler(logits, reqs, row_masks)):
                 self._append(req, token, now)
                 touched[req.group_id] = self.groups[req.group_id]
         outputs = []
@@ -258,6 +279,14 @@ class LLMEngine:
                 outputs.append(group.output())
         return outputs
 
+    def _start_masks(self, out: SchedulerOutput) -> tuple[list[Request], object] | None:
+        """Masks of the constrained requests this step samples (it computes their last token)."""
+        constrained = [req for req, n in zip(out.requests, out.num_tokens)
+                       if req.matcher is not None and req.num_computed_tokens + n == req.num_tokens]
+        if not constrained:
+            return None
+        return constrained, self.masker.start([req.matcher for req in constrained])
+
     def _append(self, req: Request, token: int, now: float) -> None:
         if req.num_output_tokens == 0 and req.index == 0:  # once per request, not per fork
             self.prompt_tokens_total += req.num_prompt_tokens
@@ -266,6 +295,12 @@ class LLMEngine:
         p = req.params
         checks = req.num_output_tokens >= p.min_tokens
         status = None
+        done_grammar = False
+        if req.matcher is not None:
+            # The mask allowed the token, so it is accepted; False only after an all-masked row was
+            # given EOS (a matcher in its error state): end the request rather than loop on it.
+            accepted = req.matcher.consume_token(token)
+            done_grammar = not accepted or req.matcher.is_stopped()
         if checks and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
             status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = token if token in p.stop_token_ids else None
@@ -273,6 +308,8 @@ class LLMEngine:
             stop = req.detokenizer.append(token, checks)
             if stop is not None:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        if status is None and done_grammar:  # only EOS could follow (even with ignore_eos): stop now
+            status = RequestStatus.FINISHED_STOPPED
         if status is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:

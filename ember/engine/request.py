@@ -121,6 +121,7 @@ class Request:
         self.detokenizer: object | None = None
         self.block_hashes: list[bytes] = []  # hashes of the full blocks of token_ids, kv_cache.py
         self.fork_pending = params.n > 1 and index == 0  # the group's children are forked after prefill
+        self.matcher: object | None = None  # llguidance.LLMatcher of a structured-outputs request (grammar.py)
 
     @property
     def num_tokens(self) -> int:
@@ -165,4 +166,6 @@ class Request:
         child.metrics.first_scheduled_time = self.metrics.first_scheduled_time
         child.metrics.num_cached_tokens = self.metrics.num_cached_tokens
         child.fork_pending = False
+        if self.matcher is not None:  # forked before the first sample: the same (empty) grammar state
+            child.matcher = self.matcher.deep_copy()
         return child

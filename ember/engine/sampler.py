@@ -1,6 +1,8 @@
 """Sampler: logits -> next tokens (and logprobs) for a batch of requests with mixed settings.
 
 Per row, in this order (vLLM's):
+    token mask of a structured-outputs request: disallowed tokens -> -inf (token_mask.py), before
+               everything else, logprobs included, as vLLM applies its grammar bitmask
     logprobs   of the raw model distribution, recorded before anything below (vLLM v1 default)
     logit_bias added; min_tokens: stop and EOS tokens masked until min_tokens are generated
     penalties  repetition (prompt + output tokens: positive logits / r, negative * r, as
@@ -21,6 +23,7 @@ import torch
 
 from ember.engine import native
 from ember.engine.request import Logprob, PositionLogprobs, Request
+from ember.engine.token_mask import apply_token_mask
 
 
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,
@@ -88,8 +91,14 @@ class Sampler:
             self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self.generators[device]
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """Next token of each request (logits (R, V) float32); appends logprobs to the requests."""
+    def __call__(self, logits: torch.Tensor, reqs: list[Request],
+                 masks: tuple[list[int], torch.Tensor] | None = None) -> list[int]:
+        """Next token of each request (logits (R, V) float32); appends logprobs to the requests.
+
+        masks: (rows, bitmask) of the constrained rows, bitmask (len(rows), ceil(V / 32)) int32.
+        """
+        if masks is not None:
+            logits = apply_token_mask(logits, masks[0], masks[1], self.eos_token_ids)
         want_lp = [r.logprobs is not None for r in reqs]
         raw = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         x = self._process(logits, reqs)

@@ -7,13 +7,17 @@ Every bad value raises SamplingParamsError (a ValueError) naming the field, so t
 one line and the server answers 400. Order of the logits pipeline (ember/engine/sampler.py):
 logit_bias, min_tokens (stop tokens masked), repetition/frequency/presence penalties,
 temperature, min_p, top_k, top_p, then the draw. Logprobs are those of the raw model
-distribution, before any of it (vLLM v1's default).
+distribution, before any of it (vLLM v1's default), except for a structured-outputs constraint:
+its token mask comes first, before logprobs too, as in vLLM (structured_outputs.py, grammar.py).
+
+    SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))    # or a dict of its fields
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ember.engine.structured_outputs import StructuredOutputsError, StructuredOutputsParams
 from ember.errors import EmberError
 
 # Below this temperature sampling is greedy (vLLM's threshold).
@@ -47,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (plus the sampled one)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # a dict of its fields is converted
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +59,13 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise SamplingParamsError(f"invalid SamplingParams: structured_outputs: {e}") from None
+            except StructuredOutputsError as e:
+                raise SamplingParamsError(f"invalid SamplingParams: {e}") from None
         self._validate()
         if self.greedy:  # filters are meaningless for argmax; drop them as vLLM does
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
@@ -93,6 +105,8 @@ class SamplingParams:
             need(value is None or (is_int(value) and value >= 0), f"{name} must be an integer >= 0, got {value!r}")
         need(all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0")
+        need(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
         if self.logit_bias is not None:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}

@@ -9,7 +9,9 @@ Layout: protocol.py (request schemas), serving.py (shared checks, admission, req
 completions.py / chat.py (the two generation endpoints), logprobs.py (their logprob shapes),
 streaming.py (SSE, disconnects), metrics.py (Prometheus), middleware.py (API key, body limit),
 errors.py (OpenAI error bodies), app.py (routes), server.py (uvicorn, SIGTERM drain),
-loadgen.py (`ember bench serve`), webui.py + ui/ (the chat page at /).
+loadgen.py (`ember bench serve`), structured.py (response_format / guided_* -> a constraint),
+tools.py + tool_parsers.py (tool calling), openapi.py + responses.py (/openapi.json), webui.py + ui/
+(the chat page at /).
 """
 
 from ember.serve.app import build_app, create_app

@@ -9,6 +9,8 @@
     POST /v1/completions           completions.py
     POST /v1/chat/completions      chat.py
     POST /tokenize, /detokenize    vLLM's: a prompt or messages -> ids (+ strings); ids -> text
+    GET  /tokenizer_info           special tokens, vocabulary size, chat template (remote tokenizers)
+    GET  /openapi.json, /docs      the API's schema: every body declared (openapi.py)
     GET  /metrics                  Prometheus text (metrics.py)
     GET  /, /ui/*                  the chat page (webui.py; ui=False / --no-ui leaves it out), with
     GET  /v1/rag/source?path=      the text of a file the RAG index was built from (its source links)
@@ -46,10 +48,14 @@ from ember.serve.errors import APIError, bad_request, error_body, error_response
 from ember.serve.grounding import Grounding
 from ember.serve.metrics import ServerMetrics
 from ember.serve.middleware import ApiKeyGuard, BodyLimit
-from ember.serve.protocol import DetokenizeRequest, TokenizeRequest
+from ember.serve import responses
+from ember.serve.openapi import json_response, openapi_schema, request_body
+from ember.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ember.serve.serving import Serving
 from ember.serve.streaming import ClientDisconnected
 from ember.serve.webui import add_ui
+from ember.serve.tool_parsers import tool_parser
+from ember.serve.tools import ToolPlan, template_messages
 from ember.tokenizer import Tokenizer
 
 log = logging.getLogger("ember.serve")
@@ -59,15 +65,18 @@ def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathL
                served_model_name: str | None = None, api_key: str | None = None, max_queue_len: int = 256,
                max_body_bytes: int = 16 * 2 ** 20, log_interval: float = 10.0, dtype: str = "float32",
                device: str | None = None, adapter: str | os.PathLike | None = None, rag_index: str | os.PathLike | None = None, rag_k: int = 5,
-               rag_mode: str = "hybrid", rag_max_tokens: int = 256, ui: bool = True, **engine_config: Any) -> FastAPI:
+               rag_mode: str = "hybrid", rag_max_tokens: int = 256, tool_call_parser: str | None = None,
+               ui: bool = True, **engine_config: Any) -> FastAPI:
     """Load a model folder (or a Transformer; a LoRA `adapter` folder on top) into an AsyncLLMEngine
-    and build the app around it; with rag_index, chat answers are grounded in that index (grounding.py)."""
+    and build the app around it; with rag_index, chat answers are grounded in that index (grounding.py);
+    tool_call_parser names the tool-call format (tool_parsers.py; default: from the chat template)."""
+    tool_parser(tool_call_parser)  # an unknown name fails before the model loads
     engine = AsyncLLMEngine(LLM(model, tokenizer, dtype=dtype, device=device, adapter=adapter, **engine_config).engine)
     if engine.engine.tokenizer is None:
         raise EmberError("the server needs a tokenizer: give a model folder with tokenizer files, or --tokenizer")
     grounding = Grounding(rag_index, rag_k, rag_mode, rag_max_tokens) if rag_index is not None else None
     name = served_model_name or ("ember" if isinstance(model, Transformer) else str(model))
-    serving = Serving(engine, name, max_queue_len, ServerMetrics(engine.stats, name), grounding)
+    serving = Serving(engine, name, max_queue_len, ServerMetrics(engine.stats, name), grounding, tool_call_parser)
     return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval, ui=ui)
 
 
@@ -88,17 +97,21 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
             if serving.grounding is not None:
                 serving.grounding.close()
 
-    app = FastAPI(title="ember", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="ember", version=__version__, lifespan=lifespan, redoc_url=None)
+    app.openapi = lambda: openapi_schema(app, serving)  # type: ignore[method-assign]
     app.state.serving = serving
     _add_error_handlers(app, serving)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "the engine is running (empty body)"},
+        503: {"description": "the engine stopped", "content": {"application/json": {"schema": {
+            "$ref": "#/components/schemas/ErrorResponse"}}}}})
     async def health() -> Response:
         if serving.engine.errored is not None:
             return JSONResponse(error_body(503, f"the engine stopped: {serving.engine.errored}", "engine_error"), 503)
         return Response(status_code=200)
 
-    @app.get("/version")
+    @app.get("/version", responses=json_response(responses.Version, "the server's version"))
     async def version() -> dict:
         return {"version": __version__}
 
@@ -108,25 +121,28 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
         return {"id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "ember",
                 "root": serving.model_name, "parent": None, "max_model_len": serving.max_model_len}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=json_response(responses.ModelList, "the served model"))
     async def models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=json_response(responses.ModelCard, "the model's card"))
     async def model(model_id: str) -> dict:
         if model_id != serving.model_name:
             raise APIError(404, f"The model `{model_id[:200]}` does not exist.", "model_not_found", "model")
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest),
+              responses=json_response(responses.Completion, "the completion, or its chunks when stream=true", True))
     async def completions(request: Request) -> Response:
         return await create_completion(serving, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest),
+              responses=json_response(responses.ChatCompletion, "the reply, or its chunks when stream=true", True))
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(serving, request)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=request_body(TokenizeRequest),
+              responses=json_response(responses.TokenizeResponse, "the token ids"))
     async def tokenize(request: Request) -> dict:
         req = serving.parse(TokenizeRequest, await request.body())
         if (req.prompt is None) == (req.messages is None):
@@ -135,15 +151,19 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             ids = await serving.encode(req.prompt, add_special)
         else:
-            ids = await render_prompt(serving, message_dicts(req.messages), req.add_generation_prompt,
-                                      req.continue_final_message, bool(req.add_special_tokens), None,
-                                      req.chat_template_kwargs)
+            template = serving.tokenizer.chat_template
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            plan = ToolPlan("auto" if tools else "none", tool_parser(serving.tool_call_parser, template), tools)
+            ids = await render_prompt(serving, template_messages(message_dicts(req.messages), plan, template),
+                                      req.add_generation_prompt, req.continue_final_message,
+                                      bool(req.add_special_tokens), tools, req.chat_template_kwargs)
         out = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = serving.tokenizer.convert_ids_to_tokens(ids)
         return out
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=request_body(DetokenizeRequest),
+              responses=json_response(responses.DetokenizeResponse, "the text"))
     async def detokenize(request: Request) -> dict:
         req = serving.parse(DetokenizeRequest, await request.body())
         vocab = serving.engine.engine.model.config.vocab_size
@@ -152,7 +172,18 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
             raise bad_request(f"token id(s) {bad[:5]} outside the vocabulary of {vocab}", "tokens")
         return {"prompt": serving.tokenizer.decode(req.tokens)}
 
-    @app.get("/metrics")
+    @app.get("/tokenizer_info", responses=json_response(responses.TokenizerInfo, "the tokenizer's settings"))
+    async def tokenizer_info() -> dict:
+        tok = serving.tokenizer
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "vocab_size": tok.vocab_size,
+                "model_max_length": serving.max_model_len, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token, "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                "chat_template": tok.chat_template,
+                "add_bos_token": bool(tok.bos_token_id is not None and tok.encode("a")[:1] == [tok.bos_token_id])}
+
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

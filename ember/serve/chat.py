@@ -1,10 +1,10 @@
 """POST /v1/chat/completions: messages through the model's chat template, whole or streamed.
 
 Content may be a string or OpenAI's content parts (text parts only, joined by newlines as vLLM
-does for string templates). `tools` are passed to the template; tool calls in the reply are not
-parsed, so `tool_choice` must be "auto" or "none", and `response_format` must be text.
-`max_completion_tokens` (or the older `max_tokens`) defaults to the rest of the context. With a
-RAG index the last user message is grounded in it first (grounding.py).
+does for string templates). `tools` and `tool_choice` are tools.py's (the template, the constraint
+of required / named choices, the parsed tool_calls); response_format and vLLM's structured-outputs
+fields are structured.py's. `max_completion_tokens` (or the older `max_tokens`) defaults to the
+rest of the context. With a RAG index the last user message is grounded in it first (grounding.py).
 `logprobs: true` with `top_logprobs: k` gives OpenAI's chat shape. A stream starts each choice
 with a `{"role": "assistant"}` delta and ends it with its finish_reason; with
 `stream_options.include_usage` a last chunk carries the usage and no choices.
@@ -21,13 +21,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ember.engine.sampling_params import SamplingParamsError
 from ember.errors import EmberError
 from ember.serve.errors import bad_request
 from ember.serve.logprobs import chat_logprobs, prompt_logprobs_json
 from ember.serve.protocol import ChatCompletionRequest, ChatMessage
 from ember.serve.serving import Accumulated, Requests, Serving
 from ember.serve.streaming import SSEResponse, merge
+from ember.serve.structured import structured_outputs_of
+from ember.serve.tools import ToolPlan, ToolReply, plan_tools, template_messages
 
 # apply_chat_template's own arguments may not come in through chat_template_kwargs
 _RESERVED = {"messages", "conversation", "tools", "add_generation_prompt", "tokenize"}
@@ -75,11 +76,14 @@ async def render_prompt(serving: Serving, msgs: list[dict[str, Any]], add_genera
 
 async def create_chat_completion(serving: Serving, request: Request) -> Response:
     req = serving.parse(ChatCompletionRequest, await request.body())
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request("response_format json_object / json_schema is not supported (no guided decoding)",
-                          "response_format")
-    if isinstance(req.tool_choice, dict) or req.tool_choice not in (None, "auto", "none"):
-        raise bad_request("tool_choice must be 'auto' or 'none': ember does not parse tool calls", "tool_choice")
+    template = serving.tokenizer.chat_template
+    plan = plan_tools(req, serving.tool_call_parser, template)
+    structured = structured_outputs_of(req)
+    if plan.constraint is not None:
+        if structured is not None:
+            raise bad_request("tool_choice 'required' or a named function already constrains the reply: drop "
+                              "response_format / structured_outputs / guided_*", "tool_choice")
+        structured = plan.constraint
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     msgs, sources = message_dicts(req.messages), None
@@ -90,14 +94,18 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
             raise bad_request("rag: this server has no RAG index (start it with --rag-index DIR)", "rag")
         asked = asked or serving.grounding.max_tokens
         msgs, sources = await serving.grounding.ground(msgs, serving.tokenizer, serving.max_model_len, asked)
+    msgs = template_messages(msgs, plan, template)
     ids = await render_prompt(serving, msgs, req.add_generation_prompt, req.continue_final_message,
-                              req.add_special_tokens, req.tools, req.chat_template_kwargs)
+                              req.add_special_tokens, plan.tools, req.chat_template_kwargs)
     max_tokens = serving.check_length(len(ids), asked, "messages")
     try:
-        params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-    except SamplingParamsError as e:
+        params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                     structured_outputs=structured)
+    except EmberError as e:
         raise bad_request(str(e)) from None
-    view = _Chat(serving, req, ids, f"chatcmpl-{uuid.uuid4().hex}", sources)
+    if plan.mode == "auto" and not plan.parser.skip_special_tokens:
+        params.skip_special_tokens = False  # the parser's marker is a special token (Mistral's [TOOL_CALLS])
+    view = _Chat(serving, req, ids, f"chatcmpl-{uuid.uuid4().hex}", sources, plan)
     reqs = serving.start(view.id, [ids], [params])
     if req.stream:
         return SSEResponse(view.chunks(reqs), on_close=reqs.abort)
@@ -108,8 +116,9 @@ class _Chat:
     """Builds one request's response body or stream chunks in OpenAI's chat shape."""
 
     def __init__(self, serving: Serving, req: ChatCompletionRequest, ids: list[int], response_id: str,
-                 sources: list[dict[str, Any]] | None) -> None:
+                 sources: list[dict[str, Any]] | None, plan: ToolPlan) -> None:
         self.serving, self.req, self.ids, self.id, self.sources = serving, req, ids, response_id, sources
+        self.plan = plan
         self.created = int(time.time())
         decode = serving.tokenizer.decode
         self.decode_one = lambda t: decode([t])  # noqa: E731
@@ -127,9 +136,10 @@ class _Chat:
         choices = []
         for j in sorted(acc.seqs):
             seq = acc.seqs[j]
-            choices.append({"index": j, "message": {"role": "assistant", "content": "".join(seq.text)},
+            reply = ToolReply(self.plan)
+            choices.append({"index": j, "message": reply.message("".join(seq.text)),
                             "logprobs": self._logprobs(seq.token_ids, seq.logprobs),
-                            "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason})
+                            "finish_reason": reply.finish_reason(seq.finish_reason), "stop_reason": seq.stop_reason})
         body = {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.serving.model_name, "choices": choices, "usage": self._usage(acc.num_generated)}
         if self.req.prompt_logprobs is not None and acc.prompt_logprobs is not None:
@@ -144,6 +154,7 @@ class _Chat:
 
     async def chunks(self, reqs: Requests) -> AsyncIterator[dict[str, Any]]:
         started: set[int] = set()
+        replies: dict[int, ToolReply] = {}
         generated = 0
         continuous = self.req.stream_options is not None and self.req.stream_options.continuous_usage_stats
         async with aclosing(merge(reqs.streams)) as deltas:
@@ -158,14 +169,19 @@ class _Chat:
                         yield chunk
                     generated += len(c.token_ids)
                     lps = self._logprobs(c.token_ids, c.logprobs)
-                    if not c.text and c.finish_reason is None and not (lps and lps["content"]):
-                        continue  # text held back (a possible stop string, a partial character)
-                    chunk = self._chunk({"index": c.index, "delta": {"content": c.text} if c.text else {},
-                                         "logprobs": lps, "finish_reason": c.finish_reason,
-                                         "stop_reason": c.stop_reason})
-                    if continuous:
-                        chunk["usage"] = self._usage(generated)
-                    yield chunk
+                    reply = replies.setdefault(c.index, ToolReply(self.plan))
+                    parts = reply.feed(c.text) + (reply.finish() if c.finish_reason is not None else [])
+                    if not parts and c.finish_reason is None and not (lps and lps["content"]):
+                        continue  # text held back (a stop string, a partial character, a tool call)
+                    parts = parts or [{}]
+                    for k, part in enumerate(parts):
+                        last = k == len(parts) - 1
+                        chunk = self._chunk({"index": c.index, "delta": part, "logprobs": lps if k == 0 else None,
+                                             "finish_reason": reply.finish_reason(c.finish_reason) if last else None,
+                                             "stop_reason": c.stop_reason if last else None})
+                        if continuous and last:
+                            chunk["usage"] = self._usage(generated)
+                        yield chunk
         if self.req.include_usage:
             yield {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                    "model": self.serving.model_name, "choices": [], "usage": self._usage(generated)}

@@ -7,6 +7,7 @@ prompt's log-probabilities before the generated ones (first entry null). `max_to
 echo scores the prompt and returns no generated token: lm-evaluation-harness's log-likelihood
 request (the engine generates one token, which is dropped). `max_tokens: null` means the rest
 of the context; a prompt plus max_tokens over the context is a 400 saying the lengths.
+Structured outputs (response_format, structured_outputs, guided_*) apply to every prompt (structured.py).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ember.engine.request import PositionLogprobs
-from ember.engine.sampling_params import SamplingParams, SamplingParamsError
+from ember.engine.sampling_params import SamplingParams
+from ember.errors import EmberError
 from ember.serve.errors import bad_request
 from ember.serve.logprobs import completion_logprobs, prompt_logprobs_json
 from ember.serve.protocol import CompletionRequest
 from ember.serve.serving import Accumulated, Requests, Serving
 from ember.serve.streaming import SSEResponse, merge
+from ember.serve.structured import structured_outputs_of
 
 
 async def create_completion(serving: Serving, request: Request) -> Response:
@@ -38,6 +41,7 @@ async def create_completion(serving: Serving, request: Request) -> Response:
     if req.max_tokens == 0 and not req.echo:
         raise bad_request("max_tokens=0 needs echo=true (it scores the prompt and generates nothing)",
                           "max_tokens")
+    structured = structured_outputs_of(req)
     prompts = req.prompts()
     if not prompts:
         raise bad_request("prompt must not be empty", "prompt")
@@ -48,8 +52,8 @@ async def create_completion(serving: Serving, request: Request) -> Response:
     for p in ids:
         max_tokens = serving.check_length(len(p), 1 if echo_only else req.max_tokens)
         try:
-            params.append(req.sampling_params(max_tokens, req.logprobs, prompt_lps))
-        except SamplingParamsError as e:
+            params.append(req.sampling_params(max_tokens, req.logprobs, prompt_lps, structured))
+        except EmberError as e:
             raise bad_request(str(e)) from None
     view = _Completion(serving, req, prompts, ids, f"cmpl-{uuid.uuid4().hex}")
     reqs = serving.start(view.id, ids, params)

@@ -84,8 +84,10 @@ class Serving:
     """Shared state and checks of the OpenAI endpoints; see the module docstring."""
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, max_queue_len: int,
-                 metrics: ServerMetrics, grounding: Grounding | None = None) -> None:
+                 metrics: ServerMetrics, grounding: Grounding | None = None,
+                 tool_call_parser: str | None = None) -> None:
         self.engine = engine
+        self.tool_call_parser = tool_call_parser  # None: chosen from the chat template (tool_parsers.py)
         self.grounding = grounding
         self.model_name = model_name
         self.max_queue_len = max_queue_len

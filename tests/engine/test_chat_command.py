@@ -22,3 +22,37 @@ def test_chat_streams_replies_turn_by_turn(tiny, tmp_path, monkeypatch, capsys) 
     conv += [{"role": "assistant", "content": first}, {"role": "user", "content": "And a list?"}]
     second = llm.chat(conv, params)[0].outputs[0].text
     assert out == f"{first}\n{second}\n"  # the empty line was skipped
+
+
+def test_chat_json_schema_constrains_every_reply(tiny, tmp_path, monkeypatch, capsys) -> None:
+    import json
+
+    import jsonschema
+    import pytest
+
+    pytest.importorskip("llguidance")
+    from tests.engine.json_schemas import SCHEMAS
+
+    model, tok = tiny
+    save_model(model, tmp_path)
+    tok.save(tmp_path)
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMAS[0]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who?\nAnd who else?\n"))
+    main(ChatConfig(model=tmp_path, max_tokens=200, temperature=0, kv_cache_memory=0.05,
+                    json_schema=tmp_path / "schema.json"))
+    replies = capsys.readouterr().out.splitlines()
+    assert len(replies) == 2
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), SCHEMAS[0])
+
+
+def test_chat_json_schema_file_errors_are_one_line(tmp_path) -> None:
+    import pytest
+
+    from ember.errors import EmberError
+
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(EmberError, match="must hold a JSON object"):
+        main(ChatConfig(model=tmp_path, json_schema=tmp_path / "bad.json"))
+    with pytest.raises(EmberError, match="not found"):
+        main(ChatConfig(model=tmp_path, json_schema=tmp_path / "missing.json"))

@@ -74,7 +74,7 @@ CASES = [  # (path, raw body, status, a word the message must contain)
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400, "logprobs"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}', 400,
      "max_completion_tokens"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}', 400,
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}}', 400,
      "response_format"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', 400, "tool_choice"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": 1}}', 400,
