@@ -55,7 +55,8 @@ def add_ui(app: FastAPI, serving: Serving) -> None:
     async def asset(name: str) -> Response:
         return send(name)
 
-    @app.get("/v1/rag/source")
+    # In the OpenAPI document only where it can answer: without an index every call is a 400.
+    @app.get("/v1/rag/source", include_in_schema=serving.grounding is not None)
     async def rag_source(path: str) -> Response:
         if serving.grounding is None:
             raise bad_request("this server has no RAG index (start it with --rag-index DIR)", "path")
