@@ -19,6 +19,8 @@ from typing import Any, Literal
 from ember.errors import EmberError
 
 RopeType = Literal["default", "linear", "dynamic", "llama3"]
+NormType = Literal["rms", "layernorm"]
+MlpAct = Literal["silu", "gelu"]
 
 
 class ConfigError(EmberError):
@@ -66,6 +68,17 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = ()
     # Which Hugging Face family this config came from or should be saved as (None: choose).
     hf_model_type: str | None = None
+    # ---- block variants (Falcon); the defaults are the Llama block ---------------------------
+    norm: NormType = "rms"  # "layernorm": LayerNorm with bias, eps = rms_norm_eps (Falcon)
+    gated_mlp: bool = True  # False: down(act(up(x))), no gate_proj (Falcon)
+    mlp_act: MlpAct = "silu"  # gelu: exact (erf) GELU, as Falcon's nn.GELU
+    linear_bias: bool = False  # bias on o_proj and the MLP projections (Falcon's `bias`)
+    # Attention and MLP both read the block's input and add to one residual (GPT-J, Falcon);
+    # with parallel_mlp_norm the MLP has its own norm (Falcon's "new decoder architecture").
+    parallel_attn: bool = False
+    parallel_mlp_norm: bool = False
+    # ALiBi slopes are multiplied by this: Falcon adds its ALiBi before the 1/sqrt(head_dim) scale.
+    alibi_slope_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -88,6 +101,13 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def llama_block(self) -> bool:
+        """Whether every block is the plain Llama block (RMSNorm, SwiGLU, sequential, RoPE): the one
+        the engine's native decode layer computes."""
+        return (self.norm == "rms" and self.gated_mlp and self.mlp_act == "silu" and not self.linear_bias
+                and not self.parallel_attn and self.position == "rope")
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of one layer, or None for full causal attention."""
@@ -113,6 +133,12 @@ class ModelConfig:
              "(supported: default, linear, dynamic, llama3)")
         need(self.rope_scaling.factor > 0, "rope scaling factor must be positive")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
+        need(self.norm in ("rms", "layernorm"), f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
+        need(self.mlp_act in ("silu", "gelu"), f"mlp_act must be 'silu' or 'gelu', got {self.mlp_act!r}")
+        need(not self.gated_mlp or self.mlp_act == "silu", "the gated MLP is SwiGLU (mlp_act 'silu')")
+        need(self.parallel_attn or not self.parallel_mlp_norm, "parallel_mlp_norm needs parallel_attn")
+        need(not (self.is_moe and (self.parallel_attn or not self.gated_mlp)),
+             "a mixture of experts needs the sequential block with the gated MLP")
         need(self.num_experts == 0 or 0 < self.num_experts_per_tok <= self.num_experts,
              f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})")
 
@@ -124,12 +150,17 @@ class ModelConfig:
         attn = d * q_out + 2 * d * kv_out + q_out * d
         if self.attention_bias:
             attn += q_out + 2 * kv_out
-        mlp = 3 * d * f
+        mlp = (3 if self.gated_mlp else 2) * d * f
+        if self.linear_bias:
+            attn += d
+            mlp += f * (2 if self.gated_mlp else 1) + d
         if self.is_moe:
             experts = self.num_experts_per_tok if active else self.num_experts
             mlp = experts * mlp + d * self.num_experts  # experts + router
-        per_layer = attn + mlp + 2 * d  # two RMSNorm weights
-        body = self.num_layers * per_layer + d  # final norm
+        norm = d * (2 if self.norm == "layernorm" else 1)  # weight (+ bias)
+        norms = 1 if self.parallel_attn and not self.parallel_mlp_norm else 2
+        per_layer = attn + mlp + norms * norm
+        body = self.num_layers * per_layer + norm  # final norm
         if non_embedding:
             return body
         embed = self.vocab_size * d
@@ -143,7 +174,9 @@ class ModelConfig:
         seq_len / 2 (PaLM appendix B style, halved for causality).
         """
         d, hd = self.hidden_size, self.d_head
-        matmul_params = self.num_params(non_embedding=True, active=True) - self.num_layers * 2 * d - d
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        norms = 1 if self.parallel_attn and not self.parallel_mlp_norm else 2
+        matmul_params = self.num_params(non_embedding=True, active=True) - (self.num_layers * norms + 1) * norm
         matmul_params += self.vocab_size * d  # the LM head is a matmul even when tied
         ctx = seq_len / 2 if self.sliding_window is None else min(seq_len / 2, self.sliding_window)
         attn = 2 * 2 * self.num_layers * self.num_heads * hd * ctx

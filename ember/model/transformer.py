@@ -2,7 +2,9 @@
 
 Pre-norm blocks (RMSNorm) of attention (MHA/GQA/MQA, optional q/k/v bias, optional sliding
 window, RoPE or ALiBi) and a SwiGLU MLP or a sparse mixture of experts (Mixtral: softmax router,
-top-k of E experts, renormalised weights). Module names are Hugging Face's
+top-k of E experts, renormalised weights). Falcon's variants are configuration too: LayerNorm
+with bias, a GELU MLP without gate (`DenseMLP`), biases on every projection, and the parallel
+block (attention and MLP read one normed input, or each its own norm, and add to one residual). Module names are Hugging Face's
 (`model.layers.N.self_attn.q_proj`, `model.layers.N.block_sparse_moe.experts.E.w1`, `lm_head`),
 so HF checkpoints and PEFT adapters map one-to-one onto `state_dict()` keys. LoRA, quantization
 and other variants swap modules in this tree; there is never a second model class.
@@ -45,17 +47,25 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The block's normalisation: RMSNorm, or LayerNorm with bias (Falcon)."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         hd = cfg.d_head
         self.spec = AttnSpec(layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
                              head_dim=hd, scale=1.0 / math.sqrt(hd),
-                             sliding_window=cfg.layer_window(layer_idx), alibi=cfg.position == "alibi")
+                             sliding_window=cfg.layer_window(layer_idx), alibi=cfg.position == "alibi",
+                             alibi_scale=cfg.alibi_slope_scale)
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=cfg.linear_bias)
         self.fused_qkv: FusedLinears | None = None  # set by fuse_projections (the engine does)
 
     def fuse_projections(self, linear: LinearFn = F.linear, column_major: bool = True) -> bool:
@@ -89,11 +99,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.fused_gate_up: FusedLinears | None = None  # set by fuse_projections (the engine does)
 
     def fuse_projections(self, linear: LinearFn = F.linear, column_major: bool = True) -> bool:
@@ -112,6 +122,26 @@ class MLP(nn.Module):
     def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up; the serving engine swaps in a native one (ember/engine/weight_layout.py)."""
         return F.silu(gate) * up
+
+
+class DenseMLP(nn.Module):
+    """Ungated feed-forward: down(gelu(up(x))) (Falcon's dense_h_to_4h / dense_4h_to_h)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool, act: str) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = F.gelu if act == "gelu" else F.silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    """The dense feed-forward a config asks for (the gated SwiGLU, or Falcon's ungated GELU)."""
+    if not cfg.gated_mlp:
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias, cfg.mlp_act)
+    return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias)
 
 
 class Expert(nn.Module):
@@ -156,16 +186,24 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.parallel = cfg.parallel_attn
+        self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # A parallel block with one norm (Falcon-7B) has no second norm: its MLP reads the first's output.
+        if not cfg.parallel_attn or cfg.parallel_mlp_norm:
+            self.post_attention_layernorm = make_norm(cfg)
         if cfg.is_moe:
             self.block_sparse_moe = MoE(cfg)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = make_mlp(cfg)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin | None,
                 attn: AttentionBackend | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.parallel:  # x + attn(n1(x)) + mlp(n2(x) or n1(x)), Falcon's order of additions
+            h = self.input_layernorm(x)
+            n2 = self._modules.get("post_attention_layernorm")
+            a = self.self_attn(h, cos_sin, attn)
+            return (self.mlp(h if n2 is None else n2(x)) + a) + x, None
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn)
         h = self.post_attention_layernorm(x)
         moe = self._modules.get("block_sparse_moe")  # not hasattr: a miss raises inside nn.Module, slowly
@@ -185,7 +223,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg)
 
 
 class Transformer(nn.Module):
@@ -211,6 +249,9 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
