@@ -19,6 +19,10 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
 FALCON = dict(vocab_size=128, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+GEMMA3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+              max_position_embeddings=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
 FAMILIES = {
     "llama-gqa-llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
@@ -41,6 +45,15 @@ FAMILIES = {
     # Falcon-RW's: ALiBi, sequential block, multi-head, biases.
     "falcon-rw-alibi": ("FalconConfig", "FalconForCausalLM", dict(
         FALCON, alibi=True, multi_query=False, parallel_attn=False, bias=True)),
+    # Gemma 3: sliding and full layers interleaved (window 8 < the test lengths), each with its RoPE base.
+    "gemma3-interleaved": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        GEMMA3, layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
+    # ... multi-query, final-logit soft-capping, linear RoPE scaling on the full layers, untied head.
+    "gemma3-mqa-softcap": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        GEMMA3, num_key_value_heads=1, final_logit_softcapping=5.0, tie_word_embeddings=False,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
 }
 
 
@@ -49,14 +62,14 @@ def make_hf_model(family: str, out: Path, seed: int = 0):
     import transformers
 
     cfg_name, model_name, extra = FAMILIES[family]
-    cfg = getattr(transformers, cfg_name)(**(extra if cfg_name == "FalconConfig" else {**COMMON, **extra}))
+    own = cfg_name in ("FalconConfig", "Gemma3TextConfig")  # their own field names replace COMMON
+    cfg = getattr(transformers, cfg_name)(**(extra if own else {**COMMON, **extra}))
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).eval()
-    if cfg_name == "FalconConfig":  # LayerNorm weights and biases off their init, so both are tested
+    if own:  # norm weights (and biases) off their init, so both are tested
         with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, torch.nn.LayerNorm):
-                    m.weight.normal_(1.0, 0.2)
-                    m.bias.normal_(0.0, 0.2)
+            for name, p in model.named_parameters():
+                if "norm" in name and p.dim() == 1:
+                    p.normal_(1.0 if name.endswith("weight") and cfg_name == "FalconConfig" else 0.0, 0.2)
     model.save_pretrained(out)
     return model

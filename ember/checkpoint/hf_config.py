@@ -1,10 +1,10 @@
-"""Hugging Face `config.json` <-> ModelConfig, for the llama, mistral, qwen2, mixtral and falcon families.
+"""Hugging Face `config.json` <-> ModelConfig: llama, mistral, qwen2, mixtral, falcon, gemma3_text.
 
 Reads both RoPE spellings (`rope_theta` + `rope_scaling`, and the newer `rope_parameters`),
 Qwen2's sliding-window layers and Mixtral's experts. Writes the family that represents the
 model exactly: mixtral for MoE, qwen2 for q/k/v bias, mistral for a sliding window, llama
 otherwise; a model read as Falcon is written as Falcon (ember/checkpoint/falcon.py has its
-fields). Models HF cannot express (ALiBi outside Falcon) are written with model_type "ember".
+fields), one read as Gemma 3 as Gemma 3 (ember/checkpoint/gemma.py). Models HF cannot express (ALiBi outside Falcon) are written with model_type "ember".
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from ember.checkpoint.falcon import config_from_falcon, config_to_falcon
+from ember.checkpoint.gemma import GEMMA3, config_from_gemma3, config_to_gemma3, rope_parameters
 from ember.config import ConfigError, ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "falcon", "ember")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "falcon", GEMMA3, "ember")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 
@@ -86,6 +87,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         return ModelConfig.from_dict(hf["ember_config"])
     if model_type == "falcon":
         return _checked(lambda: ModelConfig(**config_from_falcon(hf, _rope_from_hf(hf)), **_common(hf)))
+    if model_type == GEMMA3:
+        return _checked(lambda: ModelConfig(**config_from_gemma3(hf, _rope_from_hf), **_common(hf)))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"unsupported hidden_act {act!r} in config.json (ember's MLP is SwiGLU/silu)")
@@ -133,8 +136,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """The HF family that represents cfg exactly (its own family when it came from one)."""
-    if cfg.hf_model_type == "falcon":
-        return "falcon"
+    if cfg.hf_model_type in ("falcon", GEMMA3):
+        return cfg.hf_model_type
     if not cfg.llama_block:  # ALiBi, or a Falcon-style block outside Falcon's own family
         return "ember"
     if cfg.is_moe:
@@ -168,6 +171,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
               "rope_theta": cfg.rope_theta, "rope_scaling": legacy_scaling, "rope_parameters": rope}
     if mt == "falcon":
         return {**config_to_falcon(cfg), **common}
+    if mt == GEMMA3:
+        return {**config_to_gemma3(cfg), **common, "rope_parameters": rope_parameters(cfg, rope)}
     out: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[mt]],
         "model_type": mt,

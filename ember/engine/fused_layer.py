@@ -71,7 +71,7 @@ class LayerPlan:
     @classmethod
     def build(cls, block: Block) -> "LayerPlan | None":
         """A plan for `block`, or None if it is not a layer the native call computes."""
-        if block.parallel:  # Falcon's parallel block (the kernel runs attention, then the MLP on its sum)
+        if not block.llama_block:  # Falcon's and Gemma's blocks: their norms, order and MLP differ
             return None
         attn, mlp = block.self_attn, block._modules.get("mlp")
         n1, n2 = block.input_layernorm, block._modules.get("post_attention_layernorm")

@@ -4,7 +4,10 @@ Pre-norm blocks (RMSNorm) of attention (MHA/GQA/MQA, optional q/k/v bias, option
 window, RoPE or ALiBi) and a SwiGLU MLP or a sparse mixture of experts (Mixtral: softmax router,
 top-k of E experts, renormalised weights). Falcon's variants are configuration too: LayerNorm
 with bias, a GELU MLP without gate (`DenseMLP`), biases on every projection, and the parallel
-block (attention and MLP read one normed input, or each its own norm, and add to one residual). Module names are Hugging Face's
+block (attention and MLP read one normed input, or each its own norm, and add to one residual).
+So are Gemma 3's: (1 + weight) RMSNorm, q/k norms, norms after attention and MLP ("sandwich"),
+GeGLU, embeddings scaled by sqrt(hidden), interleaved sliding/full layers each with its RoPE
+base, and final logit soft-capping. Module names are Hugging Face's
 (`model.layers.N.self_attn.q_proj`, `model.layers.N.block_sparse_moe.experts.E.w1`, `lm_head`),
 so HF checkpoints and PEFT adapters map one-to-one onto `state_dict()` keys. LoRA, quantization
 and other variants swap modules in this tree; there is never a second model class.
@@ -22,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ember.config import ModelConfig
+from ember.config import ModelConfig, RopeScaling
 from ember.model.attention import AttentionBackend, AttnSpec, causal_attention
 from ember.model.fused import FusedLinears, LinearFn
 from ember.model.rope import apply_rope, rope_cos_sin
@@ -47,11 +50,28 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    """The block's normalisation: RMSNorm, or LayerNorm with bias (Falcon)."""
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in fp32, cast back (weight starts at 0)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The block's normalisation: RMSNorm, LayerNorm with bias (Falcon) or (1 + w) RMSNorm (Gemma)."""
+    dim = dim or cfg.hidden_size
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    if cfg.norm == "rms_offset":
+        return OffsetRMSNorm(dim, cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps)
 
 
 class Attention(nn.Module):
@@ -59,7 +79,7 @@ class Attention(nn.Module):
         super().__init__()
         hd = cfg.d_head
         self.spec = AttnSpec(layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
-                             head_dim=hd, scale=1.0 / math.sqrt(hd),
+                             head_dim=hd, scale=cfg.attn_scale or 1.0 / math.sqrt(hd),
                              sliding_window=cfg.layer_window(layer_idx), alibi=cfg.position == "alibi",
                              alibi_scale=cfg.alibi_slope_scale)
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=cfg.attention_bias)
@@ -67,6 +87,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=cfg.linear_bias)
         self.fused_qkv: FusedLinears | None = None  # set by fuse_projections (the engine does)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, hd)
+            self.k_norm = make_norm(cfg, hd)
+        self.qk_norm = cfg.qk_norm
+        # Gemma 3's sliding layers rotate with their own base (Transformer.hidden passes both).
+        self.local_rope = cfg.local_rope_theta is not None and self.spec.sliding_window is not None
 
     def fuse_projections(self, linear: LinearFn = F.linear, column_major: bool = True) -> bool:
         """Store q/k/v weights in one buffer so decode runs one matmul (ember/model/fused.py)."""
@@ -85,6 +111,8 @@ class Attention(nn.Module):
         q = q.view(B, T, s.num_heads, s.head_dim)
         k = k.view(B, T, s.num_kv_heads, s.head_dim)
         v = v.view(B, T, s.num_kv_heads, s.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cos_sin is not None:
             q, k = self.rotate(q, k, *cos_sin)
         y = causal_attention(q, k, v, s) if attn is None else attn.attend(q, k, v, s)
@@ -137,10 +165,20 @@ class DenseMLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+class GeGLUMLP(MLP):
+    """Gated feed-forward with tanh-GELU: down(gelu_tanh(gate(x)) * up(x)) (Gemma). A class of its
+    own so the engine's native SwiGLU swap (exact type MLP) never takes it."""
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.gelu(gate, approximate="tanh") * up
+
+
 def make_mlp(cfg: ModelConfig) -> nn.Module:
-    """The dense feed-forward a config asks for (the gated SwiGLU, or Falcon's ungated GELU)."""
+    """The dense feed-forward a config asks for (SwiGLU, Gemma's GeGLU, or Falcon's ungated GELU)."""
     if not cfg.gated_mlp:
         return DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias, cfg.mlp_act)
+    if cfg.mlp_act == "gelu_tanh":
+        return GeGLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias)
     return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias)
 
 
@@ -187,6 +225,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.parallel = cfg.parallel_attn
+        self.llama_block = cfg.llama_block  # the only block the engine's native decode layer computes
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
         # A parallel block with one norm (Falcon-7B) has no second norm: its MLP reads the first's output.
@@ -196,6 +235,10 @@ class Block(nn.Module):
             self.block_sparse_moe = MoE(cfg)
         else:
             self.mlp = make_mlp(cfg)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:  # Gemma: post_attention_layernorm normalises the attention's output
+            self.pre_feedforward_layernorm = make_norm(cfg)
+            self.post_feedforward_layernorm = make_norm(cfg)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin | None,
                 attn: AttentionBackend | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -204,6 +247,9 @@ class Block(nn.Module):
             n2 = self._modules.get("post_attention_layernorm")
             a = self.self_attn(h, cos_sin, attn)
             return (self.mlp(h if n2 is None else n2(x)) + a) + x, None
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos_sin, attn))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), None
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn)
         h = self.post_attention_layernorm(x)
         moe = self._modules.get("block_sparse_moe")  # not hasattr: a miss raises inside nn.Module, slowly
@@ -230,6 +276,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        # Gemma 3's sliding layers: RoPE with their own base and no scaling.
+        self.local_rope_cfg = None if cfg.local_rope_theta is None else cfg.replace(
+            rope_theta=cfg.local_rope_theta, rope_scaling=RopeScaling())
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -252,6 +301,8 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, OffsetRMSNorm):
+            nn.init.zeros_(module.weight)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
@@ -272,19 +323,28 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         cos_sin = rope_cos_sin(self.config, positions, x.dtype) if self.config.position == "rope" else None
+        local = cos_sin if self.local_rope_cfg is None else rope_cos_sin(self.local_rope_cfg, positions, x.dtype)
         router_logits: list[torch.Tensor] = []
         for layer in self.model.layers:
-            x, logits = layer(x, cos_sin, attn)
+            x, logits = layer(x, local if layer.self_attn.local_rope else cos_sin, attn)
             if logits is not None:
                 router_logits.append(logits)
         return self.model.norm(x), router_logits
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states, soft-capped where the config says (Gemma 2/3)."""
+        y = self.lm_head(h)
+        cap = self.config.final_logit_softcapping
+        return y if cap is None else torch.tanh(y / cap) * cap
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn: AttentionBackend | None = None, *, return_aux_loss: bool = False):
         """Logits (B, T, vocab); with return_aux_loss also the MoE load-balancing loss."""
         h, router_logits = self.hidden(input_ids, positions, attn)
-        logits = self.lm_head(h)
+        logits = self.logits(h)
         if not return_aux_loss:
             return logits
         return logits, load_balancing_loss(router_logits, self.config)
