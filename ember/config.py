@@ -162,6 +162,8 @@ class ModelConfig:
              "layer_types entries must be 'sliding_attention' or 'full_attention'")
         need("sliding_attention" not in self.layer_types or self.sliding_window is not None,
              "sliding_attention layers need sliding_window")
+        need(not self.gated_mlp or self.mlp_act != "gelu",
+             "a gated MLP is SwiGLU (mlp_act 'silu') or GeGLU (mlp_act 'gelu_tanh'), not exact-GELU gated")
         need(self.parallel_attn or not self.parallel_mlp_norm, "parallel_mlp_norm needs parallel_attn")
         need(not (self.is_moe and (self.parallel_attn or not self.gated_mlp)),
              "a mixture of experts needs the sequential block with the gated MLP")

@@ -153,16 +153,21 @@ class MLP(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """Ungated feed-forward: down(gelu(up(x))) (Falcon's dense_h_to_4h / dense_4h_to_h)."""
+    """Ungated feed-forward: down(act(up(x))) (Falcon's dense_h_to_4h / dense_4h_to_h, exact GELU)."""
 
     def __init__(self, dim: int, hidden: int, bias: bool, act: str) -> None:
         super().__init__()
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.act = F.gelu if act == "gelu" else F.silu
+        self.act_name = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
+        h = self.up_proj(x)
+        if self.act_name == "silu":
+            h = F.silu(h)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.act_name == "gelu_tanh" else "none")
+        return self.down_proj(h)
 
 
 class GeGLUMLP(MLP):

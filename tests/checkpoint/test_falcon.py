@@ -124,3 +124,21 @@ def test_num_params_counts_falcon_blocks(family, tmp_path) -> None:
     model = ember.load_model(tmp_path)
     assert model.config.num_params() == sum(p.numel() for p in model.parameters()) \
         == sum(p.numel() for p in hf.parameters())
+
+
+def test_block_variants_compose_and_validate() -> None:
+    """Configuration combinations outside the two families still build a consistent model."""
+    from ember.config import ConfigError
+
+    cfg = ember.preset("tiny").replace(gated_mlp=False, mlp_act="gelu_tanh", norm="rms_offset",
+                                       parallel_attn=True, parallel_mlp_norm=True)
+    model = ember.Transformer(cfg).eval()
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    assert model(IDS % cfg.vocab_size).shape == (2, 16, cfg.vocab_size)
+    x = torch.randn(3, cfg.hidden_size)
+    mlp = model.model.layers[0].mlp
+    assert torch.allclose(mlp(x), mlp.down_proj(torch.nn.functional.gelu(mlp.up_proj(x), approximate="tanh")))
+    with pytest.raises(ConfigError, match="gated MLP"):
+        ember.preset("tiny").replace(mlp_act="gelu")
+    with pytest.raises(ConfigError, match="parallel_mlp_norm needs parallel_attn"):
+        ember.preset("tiny").replace(parallel_mlp_norm=True)
