@@ -1,4 +1,4 @@
-"""Falcon through ember's one Transformer: PEFT adapters both ways under Falcon's names, the fused
+"""Falcon (and Gemma 3 where noted) through ember's one Transformer: PEFT adapters both ways under Falcon's names, the fused
 q|k|v layout, quantization and the engine on a quantized Falcon (logit, save and greedy parity
 with transformers are in tests/model/test_hf_parity.py and tests/engine/test_engine_parity.py)."""
 
@@ -142,3 +142,27 @@ def test_block_variants_compose_and_validate() -> None:
         ember.preset("tiny").replace(mlp_act="gelu")
     with pytest.raises(ConfigError, match="parallel_mlp_norm needs parallel_attn"):
         ember.preset("tiny").replace(parallel_mlp_norm=True)
+
+
+@pytest.mark.parametrize("family", ["falcon-new-arch-gqa", "falcon-rw-alibi", "gemma3-interleaved"])
+def test_lora_training_steps_lower_the_loss(family, tmp_path) -> None:
+    """Training takes both families: LoRA on Falcon's names (all-linear for Gemma), a few AdamW steps."""
+    make_hf_model(family, tmp_path)
+    model = ember.load_model(tmp_path).train()
+    targets = ("query_key_value", "dense") if family.startswith("falcon") else "all-linear"
+    apply_lora(model, LoRAConfig(r=4, alpha=8, targets=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = IDS[:, :12]
+
+    def loss() -> torch.Tensor:
+        logits = model(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    first = loss()
+    for _ in range(5):
+        opt.zero_grad()
+        step = loss()
+        step.backward()
+        opt.step()
+    assert loss().item() < first.item() - 0.1
