@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from ember.checkpoint.registry import ModelNotFoundError
 from ember.commands.chat import stage_real_chat
 from ember.commands.quantize import stage_real_quantize
 from ember.commands.quickstart import QuickstartConfig, QuickstartState, main
-from ember.checkpoint.registry import ModelNotFoundError
 
 
 def test_real_model_stages_take_gemma3(gemma3_file, tmp_path, capsys) -> None:

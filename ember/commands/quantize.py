@@ -185,8 +185,8 @@ def stage_real_quantize(state) -> None:
         state.perplexity[f"{real.name} {row.label}"] = HeldOutRow(tokenizer, row.heldout)
     print(f"  {state.heldout.describe()}; calibration {calib.shape[0]} x {calib.shape[1]} tokens")
     if real.name != "smollm2-135m-instruct":
-        print(f"  caveat: these fp32 weights were dequantized from the GGUF's own 4-8-bit blocks, so the "
-              f"Δppl above is the cost of re-quantizing already-quantized weights")
+        print("  caveat: these fp32 weights were dequantized from the GGUF's own 4-8-bit blocks, so the "
+              "Δppl above is the cost of re-quantizing already-quantized weights")
         return
     print(f"  caveat: these fp32 weights were dequantized from the GGUF's Q4_1 (4 bits, blocks of 32), so they "
           f"already sit on a 4-bit grid: RTN 4-bit moves them by {grid_error(real.model, 32):.2%} at g32 "

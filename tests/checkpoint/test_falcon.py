@@ -1,6 +1,7 @@
-"""Falcon (and Gemma 3 where noted) through ember's one Transformer: PEFT adapters both ways under Falcon's names, the fused
-q|k|v layout, quantization and the engine on a quantized Falcon (logit, save and greedy parity
-with transformers are in tests/model/test_hf_parity.py and tests/engine/test_engine_parity.py)."""
+"""Falcon (and Gemma 3 where noted) through ember's one Transformer: PEFT adapters both ways under
+Falcon's names, the fused q|k|v layout, quantization, LoRA training, and the engine on a quantized
+Falcon (logit, save and greedy parity with transformers are in tests/model/test_hf_parity.py and
+tests/engine/test_engine_parity.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 import ember
 from ember.adapters.lora import LoRAConfig, apply_lora, lora_layers, merge_and_unload
 from ember.checkpoint.falcon import join_qkv, qkv_order, split_qkv
-from ember.checkpoint.peft import load_adapter, save_adapter
+from ember.checkpoint.peft import save_adapter
 from tests.hf_models import make_hf_model
 
 TOL = 1e-4
