@@ -210,8 +210,10 @@ class ModelConfig:
         norms = (1 if self.parallel_attn and not self.parallel_mlp_norm else 2) + (2 if self.sandwich_norm else 0)
         matmul_params = self.num_params(non_embedding=True, active=True) - (self.num_layers * norms + 1) * norm
         matmul_params += self.vocab_size * d  # the LM head is a matmul even when tied
-        ctx = seq_len / 2 if self.sliding_window is None else min(seq_len / 2, self.sliding_window)
-        attn = 2 * 2 * self.num_layers * self.num_heads * hd * ctx
+        # each layer's own window (Qwen2's upper layers, Gemma 3's local ones)
+        windows = [self.layer_window(i) for i in range(self.num_layers)]
+        ctx = sum(seq_len / 2 if w is None else min(seq_len / 2, w) for w in windows)
+        attn = 2 * 2 * self.num_heads * hd * ctx
         fwd = 2 * matmul_params + attn
         return 3 * fwd if training else fwd
 
