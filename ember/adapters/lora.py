@@ -196,6 +196,10 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             raise LoRAError(f"LoRA target pattern {targets!r} is not a valid regular expression ({e})") from None
         names = [n for n, _ in model.named_modules() if pattern.fullmatch(n)]
     else:
+        if getattr(getattr(model, "config", None), "hf_model_type", None) == "falcon":
+            from ember.checkpoint.falcon import falcon_targets
+
+            targets = falcon_targets(tuple(targets))  # query_key_value, dense, ... as Falcon names them
         names = [n for n, _ in model.named_modules()
                  if n and any(n == t or n.endswith("." + t) for t in targets)]
     wrong = [n for n in names if n not in linear]

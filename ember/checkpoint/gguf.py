@@ -5,7 +5,9 @@
 
 What the file holds and how it maps onto a ModelConfig and Hugging Face tensor names:
   * hyperparameters under `<arch>.*` keys (block_count, embedding_length, attention.head_count,
-    rope.freq_base, ...); architectures `llama` and `qwen2` (q/k/v bias);
+    rope.freq_base, ...); architectures `llama`, `qwen2` (q/k/v bias) and `gemma3` (Gemma 3's
+    block, ember/checkpoint/gemma.py; every 6th layer global as llama.cpp has it; llama.cpp
+    stores its (1 + weight) norms as 1 + weight, so 1 is subtracted back);
   * tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...), matched to ember's
     state_dict keys through gguf's own HF -> GGUF name map; no `output.weight` means the LM head
     is tied to the embeddings;
@@ -32,7 +34,9 @@ from ember.config import ConfigError, ModelConfig, RopeScaling
 from ember.errors import EmberError
 from ember.model.transformer import Transformer
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "gemma3")
+_NAME_MAPS = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3": "GEMMA3"}  # gguf.MODEL_ARCH members
+GEMMA3_SLIDING_PATTERN = 6  # llama.cpp's Gemma 3: layers 6, 12, ... attend globally, the rest locally
 # Tensor types ember dequantizes (everything gguf's numpy code reads that llama.cpp's common
 # quantization presets produce); the i-quants and ternary types are refused by name.
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -124,6 +128,19 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
         raise GGUFError(f"{path.name} has no token_embd.weight tensor")
     vocab = int(field_value(reader, f"{arch}.vocab_size", int(embed.shape[1])))
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    extra: dict[str, Any] = {}
+    if arch == "gemma3":
+        layers = int(need("block_count"))
+        cap = field_value(reader, f"{arch}.final_logit_softcapping")
+        extra = dict(norm="rms_offset", mlp_act="gelu_tanh", qk_norm=True, sandwich_norm=True, embed_scale=True,
+                     attn_scale=head_dim ** -0.5, sliding_window=int(need("attention.sliding_window")),
+                     layer_types=tuple("sliding_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN else "full_attention"
+                                       for i in range(layers)),
+                     local_rope_theta=float(field_value(reader, f"{arch}.rope.local.freq_base", 10000.0)),
+                     final_logit_softcapping=None if cap is None else float(cap), hf_model_type="gemma3_text")
+        end_of_turn = _token_id(reader, "<end_of_turn>")
+        if end_of_turn is not None and eos is not None and end_of_turn != int(eos):
+            eos = [int(eos), end_of_turn]  # a chat turn ends there (Gemma's generation_config stops on both)
     try:
         return ModelConfig(
             vocab_size=vocab,
@@ -140,11 +157,24 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
             attention_bias=arch == "qwen2",
             tie_word_embeddings="output.weight" not in tensors,
             bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
-            eos_token_id=() if eos is None else (int(eos),),
-            hf_model_type=arch,
+            eos_token_id=() if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
+            **{"hf_model_type": arch, **extra},
         )
     except ConfigError as e:
         raise GGUFError(f"{path.name}: {e}") from None
+
+
+def _token_id(reader, token: str, within: int = 1024) -> int | None:
+    """The id of `token` among the first `within` vocabulary entries (control tokens come first),
+    without decoding the whole vocabulary."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return None
+    want = token.encode()
+    for i, part in enumerate(field.data[:within]):
+        if bytes(field.parts[part]) == want:
+            return i
+    return None
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -190,8 +220,8 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32, keep_quantiz
     gguf = gguf_module()
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if cfg.hf_model_type == "llama"
-                                     else gguf.MODEL_ARCH.QWEN2, cfg.num_layers)
+    arch = architecture(reader, path)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _NAME_MAPS[arch]), cfg.num_layers)
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.state_dict())
@@ -209,7 +239,7 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32, keep_quantiz
     for tensor in reader.tensors:
         key = by_gguf.get(tensor.name)
         if key is None:
-            raise GGUFError(f"{path.name} holds tensor {tensor.name}, which a {cfg.hf_model_type} model "
+            raise GGUFError(f"{path.name} holds tensor {tensor.name}, which a {arch} model "
                             "of this config does not have")
         shape = tuple(int(d) for d in reversed(tensor.shape))
         if shape != tuple(expected[key].shape):
@@ -230,6 +260,8 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32, keep_quantiz
             w = unpermute_rope_rows(w, cfg.num_heads)
         elif cfg.hf_model_type == "llama" and key.endswith("k_proj.weight"):
             w = unpermute_rope_rows(w, cfg.n_kv_heads)
+        if arch == "gemma3" and tensor.name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp's converter stored Gemma's (1 + weight) norm weights as 1 + weight
         if keep:
             blocks[key.removesuffix(".weight")] = (w.contiguous(), kind_kept)
         else:

@@ -17,12 +17,14 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ember.atomic import atomic_write, atomic_write_json
+from ember.checkpoint.falcon import is_falcon, state_from_falcon, state_to_falcon
 from ember.checkpoint.hf_config import config_from_hf, config_to_hf
 from ember.checkpoint.registry import gguf_file, resolve_model_path
 from ember.errors import EmberError
@@ -88,9 +90,33 @@ def _fmt(shape: torch.Size | tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
-def read_state_dict(folder: Path, expected: dict[str, torch.Tensor],
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read the tensors named in `expected` (meta tensors giving shapes), converted to dtype."""
+def read_state_dict(folder: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype,
+                    rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                    ) -> dict[str, torch.Tensor]:
+    """Read the tensors named in `expected` (meta tensors giving shapes), converted to dtype.
+
+    rename: maps the file's tensors to ember's names (Falcon's, ember/checkpoint/falcon.py); with
+    it every tensor is read first, then renamed and checked.
+    """
+    if rename is not None:
+        raw = {}
+        for path, keys in weight_files(folder).items():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    raw.update({k: f.get_tensor(k).to(dtype) for k in (keys if keys is not None else f.keys())
+                                if not k.endswith(_IGNORED_SUFFIXES)})
+            except SafetensorError as e:
+                raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        state = rename(raw)
+        unknown = [k for k in state if k not in expected]
+        if unknown:
+            raise CheckpointError(f"checkpoint has {len(unknown)} tensor(s) the config does not describe, "
+                                  f"e.g. {unknown[0]!r}")
+        for key, t in state.items():
+            if tuple(t.shape) != tuple(expected[key].shape):
+                raise CheckpointError(f"tensor {key!r} has shape {_fmt(t.shape)} but the config expects "
+                                      f"{_fmt(expected[key].shape)}")
+        return state
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for path, keys in weight_files(folder).items():
@@ -121,7 +147,7 @@ def read_state_dict(folder: Path, expected: dict[str, torch.Tensor],
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", adapter: str | os.PathLike | None = None,
                keep_quantized: bool = False) -> Transformer:
-    """Load a Hugging Face (llama/mistral/qwen2/mixtral) or ember model folder as a Transformer.
+    """Load a Hugging Face (llama/mistral/qwen2/mixtral/falcon) or ember model folder as a Transformer.
 
     path may also be a GGUF file, a folder holding one, or a known model's name
     (ember/checkpoint/registry.py); GGUF weights are dequantized to dtype (ember/checkpoint/gguf.py),
@@ -152,7 +178,8 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.state_dict())
-    state = read_state_dict(folder, expected, torch_dtype)
+    rename = (lambda raw: state_from_falcon(raw, cfg)) if is_falcon(cfg) else None
+    state = read_state_dict(folder, expected, torch_dtype, rename)
     optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = sorted(set(expected) - set(state) - optional)
     if missing:
@@ -201,6 +228,8 @@ def save_model(model: Transformer, out_dir: str | os.PathLike,
                               "or merge them first (ember.adapters.merge_and_unload) to save a full model")
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # safetensors cannot hold shared tensors; HF re-ties
+    if is_falcon(model.config):
+        state = state_to_falcon(state, model.config)
     dtype = next(iter(state.values())).dtype
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -1,18 +1,21 @@
-"""Hugging Face `config.json` <-> ModelConfig, for the llama, mistral, qwen2 and mixtral families.
+"""Hugging Face `config.json` <-> ModelConfig: llama, mistral, qwen2, mixtral, falcon, gemma3_text.
 
 Reads both RoPE spellings (`rope_theta` + `rope_scaling`, and the newer `rope_parameters`),
 Qwen2's sliding-window layers and Mixtral's experts. Writes the family that represents the
 model exactly: mixtral for MoE, qwen2 for q/k/v bias, mistral for a sliding window, llama
-otherwise. Models HF cannot express (ALiBi) are written with model_type "ember".
+otherwise; a model read as Falcon is written as Falcon (ember/checkpoint/falcon.py has its
+fields), one read as Gemma 3 as Gemma 3 (ember/checkpoint/gemma.py). Models HF cannot express (ALiBi outside Falcon) are written with model_type "ember".
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ember.checkpoint.falcon import config_from_falcon, config_to_falcon
+from ember.checkpoint.gemma import GEMMA3, config_from_gemma3, config_to_gemma3, rope_parameters
 from ember.config import ConfigError, ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "ember")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "falcon", GEMMA3, "ember")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 
@@ -56,6 +59,24 @@ def _qwen2_window(hf: dict[str, Any]) -> tuple[int | None, int]:
     return window, int(hf.get("max_window_layers", 0))
 
 
+def _common(hf: dict[str, Any]) -> dict[str, Any]:
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=eos_ids, hf_model_type=hf["model_type"])
+
+
+def _checked(build: Any) -> ModelConfig:
+    """build(), with a missing or mistyped config.json field as one ConfigError."""
+    try:
+        return build()
+    except KeyError as e:
+        raise ConfigError(f"config.json is missing the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Translate a parsed HF config.json into a ModelConfig (raises ConfigError naming the problem)."""
     model_type = hf.get("model_type")
@@ -64,6 +85,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                           f"{', '.join(SUPPORTED_MODEL_TYPES[:-1])}")
     if model_type == "ember":
         return ModelConfig.from_dict(hf["ember_config"])
+    if model_type == "falcon":
+        return _checked(lambda: ModelConfig(**config_from_falcon(hf, _rope_from_hf(hf)), **_common(hf)))
+    if model_type == GEMMA3:
+        return _checked(lambda: ModelConfig(**config_from_gemma3(hf, _rope_from_hf), **_common(hf)))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"unsupported hidden_act {act!r} in config.json (ember's MLP is SwiGLU/silu)")
@@ -111,7 +136,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """The HF family that represents cfg exactly (its own family when it came from one)."""
-    if cfg.position == "alibi":
+    if cfg.hf_model_type in ("falcon", GEMMA3):
+        return cfg.hf_model_type
+    if not cfg.llama_block:  # ALiBi, or a Falcon-style block outside Falcon's own family
         return "ember"
     if cfg.is_moe:
         return "mixtral"
@@ -139,6 +166,13 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         rope.update(extra)
         legacy_scaling = {"rope_type": sc.rope_type, "type": sc.rope_type, **extra}
     eos = list(cfg.eos_token_id)
+    common = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+              "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": dtype, "use_cache": True,
+              "rope_theta": cfg.rope_theta, "rope_scaling": legacy_scaling, "rope_parameters": rope}
+    if mt == "falcon":
+        return {**config_to_falcon(cfg), **common}
+    if mt == GEMMA3:
+        return {**config_to_gemma3(cfg), **common, "rope_parameters": rope_parameters(cfg, rope)}
     out: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[mt]],
         "model_type": mt,

@@ -8,7 +8,9 @@ Tensor names are PEFT's: `base_model.model.<module>.lora_A.weight` (r, in) and `
 (out, r), where <module> is the Hugging Face module name, which ember's modules share. So an
 adapter saved here loads with `peft.PeftModel.from_pretrained(transformers_model, dir)`, and one
 trained with PEFT loads here. Per-module ranks and alphas round-trip through PEFT's
-rank_pattern / alpha_pattern. Only plain LoRA is read: DoRA, LoRA biases, modules_to_save and
+rank_pattern / alpha_pattern. A Falcon model's adapters use Falcon's names (query_key_value,
+dense, dense_h_to_4h, dense_4h_to_h; ember/checkpoint/falcon.py joins and splits the fused q|k|v
+exactly). Only plain LoRA is read: DoRA, LoRA biases, modules_to_save and
 embedding adapters are refused with an error saying so.
 """
 
@@ -33,6 +35,7 @@ from ember.adapters.lora import (
     wrap_module,
 )
 from ember.atomic import atomic_write, atomic_write_json
+from ember.checkpoint.falcon import adapter_from_falcon, adapter_to_falcon, is_falcon
 from ember.checkpoint.hf import read_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -68,17 +71,23 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
         raise LoRAError("the model has no LoRA adapters to save: apply_lora or load an adapter first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        for ab in ("lora_A", "lora_B"):
-            t = getattr(layer, ab).weight if state_dict is None else state_dict[f"{name}.{ab}.weight"]
-            tensors[f"{_PREFIX}{name}.{ab}.weight"] = t.detach().contiguous().cpu()
-    ranks = {n: layer.r for n, layer in layers.items()}
-    alphas = {n: layer.alpha for n, layer in layers.items()}
-    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+
+    def weight(name: str, ab: str) -> torch.Tensor:
+        t = getattr(layers[name], ab).weight if state_dict is None else state_dict[f"{name}.{ab}.weight"]
+        return t.detach().contiguous().cpu()
+
     rslora = {layer.rslora for layer in layers.values()}
     if len(rslora) > 1:
         raise LoRAError("PEFT format needs one scaling rule: all adapters must agree on rsLoRA")
+    cfg = getattr(model, "config", None)
+    if cfg is not None and is_falcon(cfg):
+        tensors, ranks, alphas, targets = _falcon_adapter(layers, weight, cfg, next(iter(rslora)))
+    else:
+        tensors = {f"{_PREFIX}{name}.{ab}.weight": weight(name, ab) for name in layers for ab in ("lora_A", "lora_B")}
+        ranks = {n: layer.r for n, layer in layers.items()}
+        alphas = {n: layer.alpha for n, layer in layers.items()}
+        targets = _target_modules(model, list(layers))
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
     first = next(iter(layers.values()))
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
@@ -89,7 +98,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": _target_modules(model, list(layers)),
+        "target_modules": targets,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "bias": "none",
@@ -102,6 +111,23 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(out / CONFIG_FILE, config)
     return out
+
+
+def _falcon_adapter(layers: dict[str, Any], weight: Any, cfg: Any, rslora: bool
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float], list[str]]:
+    """A Falcon model's LoRAs under Falcon's names: tensors, ranks, alphas, target_modules."""
+    joined = adapter_to_falcon({n: (weight(n, "lora_A"), weight(n, "lora_B"), layer.scaling)
+                                for n, layer in layers.items()}, cfg)
+    tensors, ranks, alphas = {}, {}, {}
+    for name, (a, b, scaling) in joined.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        ranks[name] = a.shape[0]
+        alphas[name] = scaling * (a.shape[0] ** 0.5 if rslora else a.shape[0])  # PEFT's scaling -> alpha
+    short = Counter(n.rsplit(".", 1)[-1] for n in joined)
+    # Short names select every layer's module of that name: use them only when all layers have one.
+    targets = sorted(short) if all(c == cfg.num_layers for c in short.values()) else sorted(joined)
+    return tensors, ranks, alphas, targets
 
 
 def adapter_dir(path: str | os.PathLike) -> Path:
@@ -175,16 +201,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     config = read_json(folder / CONFIG_FILE)
     _check_config(config, folder)
     weights = _read_tensors(folder / WEIGHTS_FILE)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    # Rank and alpha per module, resolved under the file's own module names (Falcon's, for Falcon).
+    shapes = {name: (int(_pattern_value(rank_pattern, name, config.get("r", 8))),
+                     float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)))) for name in weights}
+    cfg = getattr(model, "config", None)
+    if cfg is not None and is_falcon(cfg):
+        converted, conv_shapes = {}, {}
+        for name, ab in weights.items():
+            for ember_name, ember_ab in adapter_from_falcon({name: ab}, cfg).items():
+                converted[ember_name], conv_shapes[ember_name] = ember_ab, shapes[name]
+        weights, shapes = converted, conv_shapes
     modules = dict(model.named_modules())
     missing = [m for m in weights if m not in modules]
     if missing:
         raise LoRAError(f"adapter in {folder} targets {missing[0]!r}, which the base model does not have: "
                         "was it trained on a different architecture?")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout = float(config.get("lora_dropout") or 0.0)
     for name, ab in weights.items():
-        r = int(_pattern_value(rank_pattern, name, config.get("r", 8)))
-        alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)))
+        r, alpha = shapes[name]
         layer = wrap_module(model, name, r, alpha, dropout, bool(config.get("use_rslora")))
         for key, param in (("A", layer.lora_A.weight), ("B", layer.lora_B.weight)):
             if tuple(ab[key].shape) != tuple(param.shape):

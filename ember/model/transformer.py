@@ -2,7 +2,12 @@
 
 Pre-norm blocks (RMSNorm) of attention (MHA/GQA/MQA, optional q/k/v bias, optional sliding
 window, RoPE or ALiBi) and a SwiGLU MLP or a sparse mixture of experts (Mixtral: softmax router,
-top-k of E experts, renormalised weights). Module names are Hugging Face's
+top-k of E experts, renormalised weights). Falcon's variants are configuration too: LayerNorm
+with bias, a GELU MLP without gate (`DenseMLP`), biases on every projection, and the parallel
+block (attention and MLP read one normed input, or each its own norm, and add to one residual).
+So are Gemma 3's: (1 + weight) RMSNorm, q/k norms, norms after attention and MLP ("sandwich"),
+GeGLU, embeddings scaled by sqrt(hidden), interleaved sliding/full layers each with its RoPE
+base, and final logit soft-capping. Module names are Hugging Face's
 (`model.layers.N.self_attn.q_proj`, `model.layers.N.block_sparse_moe.experts.E.w1`, `lm_head`),
 so HF checkpoints and PEFT adapters map one-to-one onto `state_dict()` keys. LoRA, quantization
 and other variants swap modules in this tree; there is never a second model class.
@@ -20,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ember.config import ModelConfig
+from ember.config import ModelConfig, RopeScaling
 from ember.model.attention import AttentionBackend, AttnSpec, causal_attention
 from ember.model.fused import FusedLinears, LinearFn
 from ember.model.rope import apply_rope, rope_cos_sin
@@ -45,18 +50,49 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in fp32, cast back (weight starts at 0)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The block's normalisation: RMSNorm, LayerNorm with bias (Falcon) or (1 + w) RMSNorm (Gemma)."""
+    dim = dim or cfg.hidden_size
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    if cfg.norm == "rms_offset":
+        return OffsetRMSNorm(dim, cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         hd = cfg.d_head
         self.spec = AttnSpec(layer_idx=layer_idx, num_heads=cfg.num_heads, num_kv_heads=cfg.n_kv_heads,
-                             head_dim=hd, scale=1.0 / math.sqrt(hd),
-                             sliding_window=cfg.layer_window(layer_idx), alibi=cfg.position == "alibi")
+                             head_dim=hd, scale=cfg.attn_scale or 1.0 / math.sqrt(hd),
+                             sliding_window=cfg.layer_window(layer_idx), alibi=cfg.position == "alibi",
+                             alibi_scale=cfg.alibi_slope_scale)
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=cfg.linear_bias)
         self.fused_qkv: FusedLinears | None = None  # set by fuse_projections (the engine does)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, hd)
+            self.k_norm = make_norm(cfg, hd)
+        self.qk_norm = cfg.qk_norm
+        # Gemma 3's sliding layers rotate with their own base (Transformer.hidden passes both).
+        self.local_rope = cfg.local_rope_theta is not None and self.spec.sliding_window is not None
 
     def fuse_projections(self, linear: LinearFn = F.linear, column_major: bool = True) -> bool:
         """Store q/k/v weights in one buffer so decode runs one matmul (ember/model/fused.py)."""
@@ -75,6 +111,8 @@ class Attention(nn.Module):
         q = q.view(B, T, s.num_heads, s.head_dim)
         k = k.view(B, T, s.num_kv_heads, s.head_dim)
         v = v.view(B, T, s.num_kv_heads, s.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cos_sin is not None:
             q, k = self.rotate(q, k, *cos_sin)
         y = causal_attention(q, k, v, s) if attn is None else attn.attend(q, k, v, s)
@@ -89,11 +127,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.fused_gate_up: FusedLinears | None = None  # set by fuse_projections (the engine does)
 
     def fuse_projections(self, linear: LinearFn = F.linear, column_major: bool = True) -> bool:
@@ -112,6 +150,41 @@ class MLP(nn.Module):
     def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up; the serving engine swaps in a native one (ember/engine/weight_layout.py)."""
         return F.silu(gate) * up
+
+
+class DenseMLP(nn.Module):
+    """Ungated feed-forward: down(act(up(x))) (Falcon's dense_h_to_4h / dense_4h_to_h, exact GELU)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool, act: str) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act_name = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up_proj(x)
+        if self.act_name == "silu":
+            h = F.silu(h)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.act_name == "gelu_tanh" else "none")
+        return self.down_proj(h)
+
+
+class GeGLUMLP(MLP):
+    """Gated feed-forward with tanh-GELU: down(gelu_tanh(gate(x)) * up(x)) (Gemma). A class of its
+    own so the engine's native SwiGLU swap (exact type MLP) never takes it."""
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.gelu(gate, approximate="tanh") * up
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    """The dense feed-forward a config asks for (SwiGLU, Gemma's GeGLU, or Falcon's ungated GELU)."""
+    if not cfg.gated_mlp:
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias, cfg.mlp_act)
+    if cfg.mlp_act == "gelu_tanh":
+        return GeGLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias)
+    return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias)
 
 
 class Expert(nn.Module):
@@ -156,16 +229,32 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.parallel = cfg.parallel_attn
+        self.llama_block = cfg.llama_block  # the only block the engine's native decode layer computes
+        self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # A parallel block with one norm (Falcon-7B) has no second norm: its MLP reads the first's output.
+        if not cfg.parallel_attn or cfg.parallel_mlp_norm:
+            self.post_attention_layernorm = make_norm(cfg)
         if cfg.is_moe:
             self.block_sparse_moe = MoE(cfg)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = make_mlp(cfg)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:  # Gemma: post_attention_layernorm normalises the attention's output
+            self.pre_feedforward_layernorm = make_norm(cfg)
+            self.post_feedforward_layernorm = make_norm(cfg)
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin | None,
                 attn: AttentionBackend | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.parallel:  # x + attn(n1(x)) + mlp(n2(x) or n1(x)), Falcon's order of additions
+            h = self.input_layernorm(x)
+            n2 = self._modules.get("post_attention_layernorm")
+            a = self.self_attn(h, cos_sin, attn)
+            return (self.mlp(h if n2 is None else n2(x)) + a) + x, None
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos_sin, attn))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), None
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn)
         h = self.post_attention_layernorm(x)
         moe = self._modules.get("block_sparse_moe")  # not hasattr: a miss raises inside nn.Module, slowly
@@ -185,13 +274,16 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg)
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        # Gemma 3's sliding layers: RoPE with their own base and no scaling.
+        self.local_rope_cfg = None if cfg.local_rope_theta is None else cfg.replace(
+            rope_theta=cfg.local_rope_theta, rope_scaling=RopeScaling())
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -211,6 +303,11 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, OffsetRMSNorm):
+            nn.init.zeros_(module.weight)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
@@ -231,19 +328,28 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         cos_sin = rope_cos_sin(self.config, positions, x.dtype) if self.config.position == "rope" else None
+        local = cos_sin if self.local_rope_cfg is None else rope_cos_sin(self.local_rope_cfg, positions, x.dtype)
         router_logits: list[torch.Tensor] = []
         for layer in self.model.layers:
-            x, logits = layer(x, cos_sin, attn)
+            x, logits = layer(x, local if layer.self_attn.local_rope else cos_sin, attn)
             if logits is not None:
                 router_logits.append(logits)
         return self.model.norm(x), router_logits
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states, soft-capped where the config says (Gemma 2/3)."""
+        y = self.lm_head(h)
+        cap = self.config.final_logit_softcapping
+        return y if cap is None else torch.tanh(y / cap) * cap
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn: AttentionBackend | None = None, *, return_aux_loss: bool = False):
         """Logits (B, T, vocab); with return_aux_loss also the MoE load-balancing loss."""
         h, router_logits = self.hidden(input_ids, positions, attn)
-        logits = self.lm_head(h)
+        logits = self.logits(h)
         if not return_aux_loss:
             return logits
         return logits, load_balancing_loss(router_logits, self.config)

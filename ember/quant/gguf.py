@@ -83,9 +83,9 @@ def _arch(model: Transformer):
     gguf = _gguf()
 
     cfg = model.config
-    if cfg.is_moe or cfg.position != "rope" or cfg.sliding_window is not None:
-        raise ExportError("GGUF export supports dense RoPE models without a sliding window "
-                          "(llama and qwen2 families)")
+    if cfg.is_moe or not cfg.llama_block or cfg.sliding_window is not None:
+        raise ExportError("GGUF export supports dense Llama-block RoPE models without a sliding window "
+                          "(llama and qwen2 families; not Falcon, Gemma 3 or ALiBi models)")
     if cfg.rope_scaling.rope_type not in ("default", "linear"):
         raise ExportError(f"GGUF export does not support {cfg.rope_scaling.rope_type!r} RoPE scaling yet "
                           "(default and linear are supported)")

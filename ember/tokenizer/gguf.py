@@ -8,8 +8,10 @@ both encode a text to the same ids.
     tok = tokenizer_from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = tokenizer_from_gguf(path, reader=reader)   # reuse a gguf.GGUFReader already open
 
-Only byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are read, with the
-pre-tokenizers in PRE_TOKENIZERS; the file is read with the `gguf` package (ember[quant]).
+Byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are read, with the pre-tokenizers
+in PRE_TOKENIZERS, and Gemma's SentencePiece vocabularies (model "llama" in a gemma/gemma2/gemma3
+file; ember/tokenizer/gguf_spm.py); the file is read with the `gguf` package (ember[quant]).
+A Gemma file without a chat template gets Gemma's (GEMMA_CHAT_TEMPLATE).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
+from ember.tokenizer.gguf_spm import SENTENCEPIECE_ARCHITECTURES, gemma_backend
 from ember.tokenizer.tokenizer import Tokenizer, TokenizerError
 
 if TYPE_CHECKING:
@@ -95,6 +98,9 @@ def tokenizer_from_gguf(path: str | os.PathLike, reader: gguf.GGUFReader | None 
     meta = _Metadata(reader if reader is not None else _open(path), path)
 
     model = meta.text("tokenizer.ggml.model", required=True)
+    arch = meta.text("general.architecture")
+    if model == "llama" and arch in SENTENCEPIECE_ARCHITECTURES:
+        return _gemma_tokenizer(meta)
     if model != "gpt2":
         what = "a SentencePiece vocabulary" if model == "llama" else "a vocabulary"
         raise TokenizerError(
@@ -130,6 +136,54 @@ def tokenizer_from_gguf(path: str | os.PathLike, reader: gguf.GGUFReader | None 
     tokenizer = Tokenizer(backend, special_tokens=special, chat_template=meta.text("tokenizer.chat_template"))
     tokenizer.gguf_pre = pre
     return tokenizer
+
+
+def _gemma_tokenizer(meta: "_Metadata") -> Tokenizer:
+    tokens = meta.texts("tokenizer.ggml.tokens")
+    special = _special_tokens(meta, tokens)
+    backend = gemma_backend(tokens, meta.integers("tokenizer.ggml.token_type"), special.get("unk_token", "<unk>"))
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
+    add_bos = meta._get("tokenizer.ggml.add_bos_token", lambda v: v is None or isinstance(v, bool), "a boolean")
+    backend.post_processor = _post_processor(
+        bos=special.get("bos_token") if add_bos is not False else None,
+        eos=special.get("eos_token") if meta.flag("tokenizer.ggml.add_eos_token") else None, backend=backend)
+    template = meta.text("tokenizer.chat_template") or GEMMA_CHAT_TEMPLATE
+    return Tokenizer(backend, special_tokens=special, chat_template=template)
+
+
+def _special_tokens(meta: "_Metadata", tokens: list[str]) -> dict[str, str]:
+    special: dict[str, str] = {}
+    for key, name in _SPECIAL_IDS.items():
+        idx = meta.integer(key)
+        # llama.cpp ignores an id outside the vocabulary (with a warning); so does ember.
+        if idx is not None and 0 <= idx < len(tokens):
+            special[name] = tokens[idx]
+    return special
+
+
+# Gemma's chat template (Gemma 3's tokenizer_config.json, text content only): the system prompt
+# joins the first user turn, the assistant's role is "model", turns end with <end_of_turn>.
+GEMMA_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = "model" if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
 
 
 def _open(path: Path) -> gguf.GGUFReader:

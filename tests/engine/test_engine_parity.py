@@ -50,7 +50,9 @@ def _check_engine(llm: LLM, prompts: list[list[int]], expected: list[list[int]])
     assert all(c == 0 for c in kv.ref_cnt)
 
 
-@pytest.fixture(scope="module", params=["llama-gqa-llama3-rope", "mixtral-4x2", "mistral-sliding-window"])
+@pytest.fixture(scope="module", params=["llama-gqa-llama3-rope", "mixtral-4x2", "mistral-sliding-window",
+                                               "falcon-mqa-parallel", "falcon-new-arch-gqa", "falcon-rw-alibi",
+                                               "gemma3-interleaved", "gemma3-mqa-softcap"])
 def hf_case(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf = make_hf_model(request.param, path)

@@ -115,8 +115,12 @@ def test_quantized_types_dequantize_to_the_weights(model_and_tok, tmp_path, kind
 def test_unsupported_models_are_refused(model_and_tok, tmp_path) -> None:
     _, tok = model_and_tok
     moe = Transformer(preset("tiny-moe", vocab_size=tok.vocab_size))
-    with pytest.raises(ExportError, match="dense RoPE"):
+    with pytest.raises(ExportError, match="dense Llama-block RoPE"):
         export_gguf(moe, tok, tmp_path / "x.gguf")
+    falcon_like = Transformer(preset("tiny", vocab_size=tok.vocab_size, norm="layernorm", gated_mlp=False,
+                                     mlp_act="gelu", parallel_attn=True))
+    with pytest.raises(ExportError, match="not Falcon, Gemma 3"):
+        export_gguf(falcon_like, tok, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 

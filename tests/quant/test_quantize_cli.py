@@ -64,7 +64,7 @@ def test_export_gguf_cli(tiny_dir, tmp_path) -> None:
     (["quantize", "--model", "{tiny}", "--out", "{tmp}/x", "--method", "rtn", "--bits", "5"], "--bits must be"),
     (["quantize", "--model", "{tiny}", "--out", "{tmp}/x", "--method", "gptq", "--calib-data", "/no/file.txt"],
      "does not exist"),
-    (["export", "--model", "{moe}", "--out", "{tmp}/x.gguf"], "dense RoPE"),
+    (["export", "--model", "{moe}", "--out", "{tmp}/x.gguf"], "dense Llama-block RoPE"),
 ])
 def test_user_errors_are_one_line(tiny_dir, tmp_path, args: list[str], needle: str) -> None:
     moe = tmp_path / "moe"
