@@ -95,43 +95,41 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("mlp_bias") or (model_type == "llama" and hf.get("attention_bias")):
         raise ConfigError("config.json asks for biases on o_proj/MLP (attention_bias/mlp_bias), "
                           "which ember does not support")
-    try:
-        theta, scaling = _rope_from_hf(hf)
-        window, window_start = (_qwen2_window(hf) if model_type == "qwen2"
-                                else (hf.get("sliding_window") if model_type != "llama" else None, 0))
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        kwargs: dict[str, Any] = dict(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=int(hf["num_attention_heads"]),
-            num_kv_heads=hf.get("num_key_value_heads"),
-            head_dim=hf.get("head_dim"),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            attention_bias=model_type == "qwen2",
-            sliding_window=window,
-            sliding_window_start_layer=window_start,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos_ids,
-            hf_model_type=model_type,
-        )
-        if model_type == "mixtral":
-            kwargs.update(num_experts=int(hf["num_local_experts"]),
-                          num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
-                          router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
-    except KeyError as e:
-        raise ConfigError(f"config.json is missing the field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
-    return ModelConfig(**kwargs)
+    return _checked(lambda: ModelConfig(**_llama_family(hf, model_type)))
+
+
+def _llama_family(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """ModelConfig fields of a llama / mistral / qwen2 / mixtral config.json."""
+    theta, scaling = _rope_from_hf(hf)
+    window, window_start = (_qwen2_window(hf) if model_type == "qwen2"
+                            else (hf.get("sliding_window") if model_type != "llama" else None, 0))
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    kwargs: dict[str, Any] = dict(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=int(hf["num_attention_heads"]),
+        num_kv_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        attention_bias=model_type == "qwen2",
+        sliding_window=window,
+        sliding_window_start_layer=window_start,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos_ids,
+        hf_model_type=model_type,
+    )
+    if model_type == "mixtral":
+        kwargs.update(num_experts=int(hf["num_local_experts"]),
+                      num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+                      router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    return kwargs
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
