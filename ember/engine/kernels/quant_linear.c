@@ -206,37 +206,6 @@ static inline __attribute__((always_inline)) void dot_rows(const int fmt, const 
     }
 }
 
-static inline __attribute__((always_inline)) void matvec(const int fmt, const uint8_t *W, const float *rscale,
-                                                         const float *bias, const float *x, float *y, int64_t N,
-                                                         int64_t K, float *xsum) {
-    const int64_t rb = row_bytes(fmt, K), groups = (N + GROUP - 1) / GROUP;
-    if (fmt == F_Q4_1) {
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < K / 32; b++) {
-            float s = 0.0f;
-            for (int i = 0; i < 32; i++) s += x[32 * b + i];
-            xsum[b] = s;
-        }
-    }
-#pragma omp for schedule(static)
-    for (int64_t gi = 0; gi < groups; gi++) {
-        const int64_t n0 = gi * GROUP;
-        const uint8_t *w = W + n0 * rb;
-        float out[GROUP];
-        int R = GROUP;
-        if (n0 + GROUP <= N) {
-            dot_rows(fmt, GROUP, w, rb, x, xsum, K, n0 + AHEAD + GROUP <= N ? w + AHEAD * rb : 0, out);
-        } else {
-            R = (int)(N - n0);
-            for (int r = 0; r < R; r++) dot_rows(fmt, 1, w + r * rb, rb, x, xsum, K, 0, out + r);
-        }
-        for (int r = 0; r < R; r++) {
-            float v = fmt == F_I8 ? out[r] * rscale[n0 + r] : out[r];
-            y[n0 + r] = bias ? v + bias[n0 + r] : v;
-        }
-    }
-}
-
 /* ---- one row, int8 activations (fmt | EMBER_INT8_ACT) ---------------------------------------
  * llama.cpp's way for batch-1 decode: x is quantized per block of 32 to int8 (dx = max|x| / 127,
  * xq = round(x / dx), kept with the exact fp32 block sum), and each weight block meets its x
@@ -347,25 +316,44 @@ static inline __attribute__((always_inline)) void idot_rows(const int fmt, const
     }
 }
 
-static inline __attribute__((always_inline)) void matvec_int8(const int fmt, const uint8_t *W, const float *rscale,
-                                                              const float *bias, const float *x, float *y, int64_t N,
-                                                              int64_t K, float *scratch) {
+/* One row through all N weight rows, GROUP at a time; int8_act: on the int8-rounded x (above). */
+static inline __attribute__((always_inline)) void matvec(const int fmt, const int int8_act, const uint8_t *W,
+                                                         const float *rscale, const float *bias, const float *x,
+                                                         float *y, int64_t N, int64_t K, float *scratch) {
     const int64_t rb = row_bytes(fmt, K), groups = (N + GROUP - 1) / GROUP, nb = K / 32;
-    float *dx = scratch, *xsum = dx + nb;
-    int32_t *isum = (int32_t *)(xsum + nb);
+    float *dx = scratch, *xsum = int8_act ? dx + nb : scratch;
+    int32_t *isum = (int32_t *)(dx + 2 * nb);
     int8_t *xq = (int8_t *)(isum + nb);
-    quantize_x(x, nb, xq, dx, xsum, isum); /* ends in the omp for's barrier: every thread sees all of xq */
+    if (int8_act) {
+        quantize_x(x, nb, xq, dx, xsum, isum); /* ends in the omp for's barrier: every thread sees all of xq */
+    } else if (fmt == F_Q4_1) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            float s = 0.0f;
+            for (int i = 0; i < 32; i++) s += x[32 * b + i];
+            xsum[b] = s;
+        }
+    }
 #pragma omp for schedule(static)
     for (int64_t gi = 0; gi < groups; gi++) {
         const int64_t n0 = gi * GROUP;
         const uint8_t *w = W + n0 * rb;
+        const uint8_t *pf = n0 + AHEAD + GROUP <= N ? w + AHEAD * rb : 0;
         float out[GROUP];
         int R = GROUP;
         if (n0 + GROUP <= N) {
-            idot_rows(fmt, GROUP, w, rb, xq, dx, xsum, isum, x, K, n0 + AHEAD + GROUP <= N ? w + AHEAD * rb : 0, out);
+            if (int8_act)
+                idot_rows(fmt, GROUP, w, rb, xq, dx, xsum, isum, x, K, pf, out);
+            else
+                dot_rows(fmt, GROUP, w, rb, x, xsum, K, pf, out);
         } else {
             R = (int)(N - n0);
-            for (int r = 0; r < R; r++) idot_rows(fmt, 1, w + r * rb, rb, xq, dx, xsum, isum, x, K, 0, out + r);
+            for (int r = 0; r < R; r++) {
+                if (int8_act)
+                    idot_rows(fmt, 1, w + r * rb, rb, xq, dx, xsum, isum, x, K, 0, out + r);
+                else
+                    dot_rows(fmt, 1, w + r * rb, rb, x, xsum, K, 0, out + r);
+            }
         }
         for (int r = 0; r < R; r++) {
             float v = fmt == F_I8 ? out[r] * rscale[n0 + r] : out[r];
@@ -422,10 +410,8 @@ static inline __attribute__((always_inline)) void qlinear(const int fmt, const i
                                                           const float *rscale, const float *bias, const float *x,
                                                           float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
                                                           float *scratch) {
-    if (M == 1 && int8_act && fmt != F_NF4)
-        matvec_int8(fmt, W, rscale, bias, x, y, N, K, scratch);
-    else if (M == 1)
-        matvec(fmt, W, rscale, bias, x, y, N, K, scratch);
+    if (M == 1)
+        matvec(fmt, int8_act && fmt != F_NF4, W, rscale, bias, x, y, N, K, scratch);
     else
         tiled(fmt, W, rscale, bias, x, y, ldy, M, N, K, scratch);
 }
