@@ -19,7 +19,9 @@ Like with like:
     llama-bench pp512 against ember's engine prefilling a 512-token prompt in one step.
   * differences that remain, printed with the table: ember's KV cache is fp32 (lossless),
     llama.cpp's default f16; llama.cpp quantizes activations to 8 bits for its integer dot
-    products, ember keeps them fp32 unless asked; ember's step includes its scheduler and sampler (Python).
+    products, ember keeps them fp32 unless asked; ember's kernels are built with -march=native and
+    its prefill uses PyTorch's BLAS, so where llama-bench was built for another CPU (e.g. AVX2
+    only on an AVX-512 machine) the comparison favours ember: check how llama.cpp was built; ember's step includes its scheduler and sampler (Python).
   * the Q8_0 / Q4_0 files once more with ember's int8 activations at batch 1 (EngineConfig
     int8_activations: llama.cpp's arithmetic, x rounded to 8 bits per block of 32), labelled;
   * ember's own formats too: `ember quantize --method int8` and RTN 4-bit g32, each with
