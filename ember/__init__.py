@@ -12,7 +12,7 @@ See docs/architecture.md for the map and README.md for every CLI verb.
 
 from ember.checkpoint.hf import CheckpointError, load_model, save_model
 from ember.config import ConfigError, ModelConfig, preset
-from ember.engine import LLM, SamplingParams, StructuredOutputsParams
+from ember.engine import LLM, LoRARequest, SamplingParams, StructuredOutputsParams
 from ember.errors import EmberError
 from ember.model.generate import generate
 from ember.model.transformer import Transformer
@@ -21,6 +21,6 @@ from ember.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "EmberError", "LLM", "ModelConfig", "SamplingParams", "StructuredOutputsParams",
+    "CheckpointError", "ConfigError", "EmberError", "LLM", "LoRARequest", "ModelConfig", "SamplingParams", "StructuredOutputsParams",
     "Tokenizer", "TokenizerError", "Transformer", "generate", "load_model", "load_tokenizer", "preset", "save_model",
 ]

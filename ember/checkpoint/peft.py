@@ -20,7 +20,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -191,12 +191,9 @@ def _read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return found
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False) -> list[str]:
-    """Wrap the layers the adapter names and load its weights; returns the module names.
-
-    trainable=False (inference) freezes every parameter; True leaves the adapters trainable,
-    to continue training them.
-    """
+def read_adapter(model: nn.Module, path: str | os.PathLike) -> tuple[dict[str, "AdapterTensors"], float, bool]:
+    """The adapter's tensors under the model's module names, checked against the model, without
+    changing it: ({module: AdapterTensors}, dropout, rslora)."""
     folder = adapter_dir(path)
     config = read_json(folder / CONFIG_FILE)
     _check_config(config, folder)
@@ -217,16 +214,41 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     if missing:
         raise LoRAError(f"adapter in {folder} targets {missing[0]!r}, which the base model does not have: "
                         "was it trained on a different architecture?")
-    dropout = float(config.get("lora_dropout") or 0.0)
+    out = {}
     for name, ab in weights.items():
         r, alpha = shapes[name]
-        layer = wrap_module(model, name, r, alpha, dropout, bool(config.get("use_rslora")))
-        for key, param in (("A", layer.lora_A.weight), ("B", layer.lora_B.weight)):
-            if tuple(ab[key].shape) != tuple(param.shape):
+        module = modules[name]
+        base = module.base_layer if hasattr(module, "base_layer") else module
+        want = {"A": (r, getattr(base, "in_features", None)), "B": (getattr(base, "out_features", None), r)}
+        for key in ("A", "B"):
+            if tuple(ab[key].shape) != want[key]:
                 raise LoRAError(f"adapter in {folder}: lora_{key} of {name} has shape {tuple(ab[key].shape)}, "
-                                f"expected {tuple(param.shape)} (r={r}): wrong base model or corrupt config")
-            with torch.no_grad():
-                param.copy_(ab[key])
+                                f"expected {want[key]} (r={r}): wrong base model or corrupt config")
+        out[name] = AdapterTensors(ab["A"], ab["B"], r, alpha)
+    return out, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
+
+
+class AdapterTensors(NamedTuple):
+    """One module's LoRA: A (r, in), B (out, r), rank and alpha as the file gives them."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    r: int
+    alpha: float
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False) -> list[str]:
+    """Wrap the layers the adapter names and load its weights; returns the module names.
+
+    trainable=False (inference) freezes every parameter; True leaves the adapters trainable,
+    to continue training them.
+    """
+    weights, dropout, rslora = read_adapter(model, path)
+    for name, t in weights.items():
+        layer = wrap_module(model, name, t.r, t.alpha, dropout, rslora)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(t.a)
+            layer.lora_B.weight.copy_(t.b)
     if trainable:
         freeze_all_but_adapters(model)
     else:

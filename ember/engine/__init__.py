@@ -9,12 +9,13 @@ from ember.engine.async_engine import AsyncLLMEngine
 from ember.engine.config import EngineConfig, EngineConfigError
 from ember.engine.engine import EngineStats, LLMEngine, RequestError
 from ember.engine.llm import LLM
+from ember.engine.lora_request import LoRARequest, LoRARequestError
 from ember.engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams, SamplingParamsError
 from ember.engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
     "AsyncLLMEngine", "CompletionOutput", "EngineConfig", "EngineConfigError", "EngineStats", "LLM", "LLMEngine",
-    "Logprob", "RequestError", "RequestMetrics", "RequestOutput", "SamplingParams", "SamplingParamsError",
+    "Logprob", "LoRARequest", "LoRARequestError", "RequestError", "RequestMetrics", "RequestOutput", "SamplingParams", "SamplingParamsError",
     "StructuredOutputsParams",
 ]

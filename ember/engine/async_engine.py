@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ember.engine.engine import EngineStats, LLMEngine, RequestError
+from ember.engine.lora_request import LoRARequest
 from ember.engine.request import RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.errors import EmberError
@@ -55,7 +56,8 @@ class AsyncLLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                    arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request; returns the async iterator of its output deltas.
 
         Call from the event loop's thread. Bad requests raise here (EmberError subclasses:
@@ -66,17 +68,17 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.engine.tokenize(prompt)
-        self.engine.check_request(ids, params)
+        self.engine.check_request(ids, params, lora_request)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        self._pending.append(("add", (request_id, ids, params, arrival_time, prompt)))
+        self._pending.append(("add", (request_id, ids, params, arrival_time, prompt, lora_request)))
         self._start()
         return self._stream(request_id, queue)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                 lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """vLLM's spelling of add_request."""
-        return self.add_request(request_id, prompt, params)
+        return self.add_request(request_id, prompt, params, lora_request=lora_request)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already finished); its stream ends with finish_reason "abort"."""
@@ -141,11 +143,11 @@ class AsyncLLMEngine:
         pending, self._pending = self._pending, []
         for kind, arg in pending:
             if kind == "add":
-                request_id, ids, params, arrival, prompt = arg
+                request_id, ids, params, arrival, prompt, lora_request = arg
                 if request_id not in self._streams:
                     continue  # aborted before it was queued
                 try:
-                    self.engine.add_request(request_id, ids, params, arrival, stream=True)
+                    self.engine.add_request(request_id, ids, params, arrival, stream=True, lora_request=lora_request)
                 except EmberError as e:  # raced with another request of the same id
                     self._streams.pop(request_id).put_nowait(e)
                     continue

@@ -51,6 +51,12 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "seed of the sampler for unseeded requests"})
     kv_cache_dtype: str = field(
         default="auto", metadata={"help": "KV cache element type: auto (the model's), float32, float16 or bfloat16"})
+    enable_lora: bool = field(default=False, metadata={
+        "help": "serve LoRA adapters per request over the base model, many in one batch (a request names one)"})
+    max_loras: int = field(default=1, metadata={"help": "LoRA adapters held in slots at once (usable in one step)"})
+    max_lora_rank: int = field(default=16, metadata={"help": "largest LoRA rank a served adapter may have"})
+    max_cpu_loras: int | None = field(default=None, metadata={
+        "help": "LoRA adapters kept in host memory (default: max_loras); beyond it they are read again when needed"})
     int8_activations: bool = field(default=False, metadata={
         "help": "quantized weights at batch-1 decode: round activations to int8 per 32 values and multiply in "
                 "integers, as llama.cpp does (faster; logits move by ~1e-3 relative), instead of fp32"})
@@ -70,6 +76,10 @@ class EngineConfig:
              f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
              f"({self.max_num_seqs}) so every running sequence can decode each step")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
+        need(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
+        need(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        need(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
+             f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 

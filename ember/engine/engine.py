@@ -9,7 +9,8 @@ One step (docs/architecture.md §4):
     Scheduler.schedule()        token budget, running first, prefix-cache hits, preemption
     TokenMasker.start()         masks of the constrained requests sampled this step, computed on a
                                 background thread while the forward runs (token_mask.py)
-    ModelRunner.execute()       flattened forward over the paged KV cache -> logits
+    ModelRunner.execute()       flattened forward over the paged KV cache -> logits (with LoRA: each
+                                row's adapter slot, lora_manager.py; the base matmuls once for all)
     fork n > 1 groups           children share the prompt's blocks, each samples its own token
     Sampler                     token masks, penalties, filters, seeded draws, logprobs
     append + stop checks        matcher advanced; EOS / stop_token_ids / stop strings (Detokenizer) /
@@ -30,6 +31,8 @@ from ember.engine.config import EngineConfig, EngineConfigError, log_capacity, n
 from ember.engine.detokenizer import Detokenizer
 from ember.engine.grammar import GrammarCompiler
 from ember.engine.kv_cache import KVCacheManager
+from ember.engine.lora_manager import LoRAManager
+from ember.engine.lora_request import LoRARequest
 from ember.engine.model_runner import ModelRunner
 from ember.engine.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
 from ember.engine.sampler import Sampler
@@ -138,8 +141,11 @@ class LLMEngine:
                 f"without chunked prefill, max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= "
                 f"max_model_len ({self.max_model_len}) so every prompt fits one step")
         self.kv = KVCacheManager(blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations)
-        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
+        self.lora = LoRAManager(model, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras or cfg.max_loras) \
+            if cfg.enable_lora else None
+        self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations, self.lora)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill,
+                                   self.lora)
         self.eos_token_ids = stop_token_ids(mcfg, tokenizer.eos_token_id if tokenizer else None)
         decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
         self.sampler = Sampler(mcfg.vocab_size, self.eos_token_ids, cfg.seed, decode)
@@ -164,10 +170,16 @@ class LLMEngine:
             raise RequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary of {self.model.config.vocab_size}")
         return ids
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams,
+                      lora_request: LoRARequest | None = None) -> int:
         """Raise a clear error if the request cannot be served; else its max_tokens after capping."""
         if not isinstance(params, SamplingParams):
             raise SamplingParamsError(f"expected SamplingParams, got {type(params).__name__}")
+        if lora_request is not None:
+            if self.lora is None:
+                raise RequestError("this engine serves no LoRA adapters: start it with enable_lora=True "
+                                   "(ember serve: --lora-modules or --enable-lora)")
+            self.lora.check(lora_request)
         params.check_vocab(self.model.config.vocab_size)
         if params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)  # GrammarError (a 400) before queueing
@@ -186,13 +198,19 @@ class LLMEngine:
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, stream: bool = False) -> None:
-        """Queue a request (text, or token ids); errors are raised here, before anything is queued."""
+                    arrival_time: float | None = None, stream: bool = False,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queue a request (text, or token ids), with a LoRA adapter or none; errors are raised here,
+        before anything is queued."""
         if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
-        max_tokens = self.check_request(ids, params)
+        max_tokens = self.check_request(ids, params, lora_request)
+        if lora_request is not None:
+            self.lora.load(lora_request, self._adapters_in_use)
         seq = Request(request_id, ids, params, max_tokens, arrival_time)
+        if lora_request is not None:
+            seq.lora_request, seq.cache_salt = lora_request, lora_request.cache_salt
         if self.tokenizer is not None:
             seq.detokenizer = Detokenizer(self.tokenizer, ids, params)
         if params.structured_outputs is not None:
@@ -213,6 +231,10 @@ class LLMEngine:
         group.aborted = True
         self.num_requests_finished += 1
         return group.output()
+
+    def _adapters_in_use(self) -> set[int]:
+        return {s.lora_request.lora_int_id for g in self.groups.values() for s in g.seqs
+                if s.lora_request is not None and not s.finished}
 
     def has_unfinished(self) -> bool:
         return bool(self.groups)

@@ -7,7 +7,8 @@ n > 1 forks and prefix-cache hits share a block between requests.
 
 Prefix caching: every full block is hashed together with its parent block's hash,
     h_i = blake2b(h_{i-1} || tokens of block i)
-so a hash names the whole prefix up to that block. When a request is admitted, its leading
+so a hash names the whole prefix up to that block (h_{-1} is the request's cache_salt: a
+LoRA adapter's id, so blocks are shared only between requests with the same adapter). When a request is admitted, its leading
 full blocks are looked up; hits are shared instead of recomputed. Freed blocks keep their
 hash and stay reusable until the allocator needs them: the free queue is in LRU order,
 blocks without a hash (useless to anyone) go to its front and are taken first, and a request's
@@ -69,7 +70,7 @@ class KVCacheManager:
         bs, hashes, tokens = self.block_size, req.block_hashes, req.token_ids
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else b"", tokens[i * bs:(i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else req.cache_salt, tokens[i * bs:(i + 1) * bs]))
 
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Cached blocks holding the longest known prefix of req (at least one token stays to compute)."""

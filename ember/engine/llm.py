@@ -5,6 +5,8 @@
     outs = llm.generate(["Hello", "def f(x):"], SamplingParams(temperature=0, max_tokens=32))
     outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
     llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=64))
+    llm = LLM("base_dir", enable_lora=True, max_loras=4, max_lora_rank=16)      # many adapters, one batch
+    llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "runs/sql-adapter"))  # or one per prompt
 
 Prompts are strings, token-id lists, or {"prompt": str} / {"prompt_token_ids": [...]} dicts;
 sampling_params is one SamplingParams or one per prompt. All requests go in together and run
@@ -22,6 +24,7 @@ import torch
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import LLMEngine, RequestError
+from ember.engine.lora_request import LoRARequest
 from ember.engine.request import RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.model.transformer import Transformer
@@ -65,8 +68,10 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt; one RequestOutput per prompt, in order."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; one RequestOutput per prompt, in order. lora_request: one
+        adapter for every prompt, or one each (None: the base model); needs LLM(..., enable_lora=True)."""
         prompts = _as_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -74,10 +79,13 @@ class LLM:
             else list(sampling_params)
         if len(params) != len(prompts):
             raise RequestError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: give one, or one each")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise RequestError(f"got {len(loras)} lora_requests for {len(prompts)} prompts: give one, or one each")
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(rid, _prompt_input(prompt), p)
+            for rid, prompt, p, lora in zip(ids, prompts, params, loras):
+                self.engine.add_request(rid, _prompt_input(prompt), p, lora_request=lora)
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)
@@ -92,6 +100,7 @@ class LLM:
 
     def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
              **template_kwargs: Any) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template."""
         tok = self.engine.tokenizer
@@ -100,7 +109,7 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, **template_kwargs)
                    for c in convs]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora_request)
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -18,6 +18,7 @@ import torch
 from ember.engine.attn_metadata import AttnMetadata, Workspace, allocate_kv_cache
 from ember.engine.fused_layer import DecodeStack
 from ember.engine.kv_cache import KVCacheManager
+from ember.engine.lora_manager import LoRAManager
 from ember.engine.request import Request
 from ember.engine.scheduler import SchedulerOutput
 from ember.engine.weight_layout import relayout_for_decode
@@ -44,8 +45,10 @@ class ModelRunner:
     """Owns the model, the KV block pool and the gather workspace."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype | None = None, int8_activations: bool = False) -> None:
+                 kv_dtype: torch.dtype | None = None, int8_activations: bool = False,
+                 lora: LoRAManager | None = None) -> None:
         self.model = model.eval()
+        self.lora = lora  # groups each step's rows by adapter slot for the BatchedLoRALinear layers
         relayout_for_decode(model)  # faster batch-1 matmuls on CPU; same values (weight_layout.py)
         from ember.quant.base import QuantLinear  # ember.quant imports the package root, which imports this
 
@@ -100,9 +103,15 @@ class ModelRunner:
         meta = AttnMetadata.build(self.kv_cache, self.block_size, seqs, self.workspace)
         if fresh:
             self.kv_cache[:, :, torch.tensor(fresh, device=self.device)] = 0
-        h = self.stack.hidden(input_ids, positions, meta)  # decode-only steps, when it can: one native call
-        if h is None:
-            h, _ = self.model.hidden(input_ids, positions, meta)
+        if self.lora is not None:
+            self.lora.prepare(out.requests, out.num_tokens, self.device)
+        try:
+            h = self.stack.hidden(input_ids, positions, meta)  # decode-only steps, when it can: one native call
+            if h is None:
+                h, _ = self.model.hidden(input_ids, positions, meta)
+        finally:
+            if self.lora is not None:
+                self.lora.clear()
         h = h[0]  # (N, D)
         span_rows = [r for _, lo, hi, _ in prompt_spans for r in range(lo, hi)]
         if not sample_rows and not span_rows:

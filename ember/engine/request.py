@@ -122,6 +122,8 @@ class Request:
         self.block_hashes: list[bytes] = []  # hashes of the full blocks of token_ids, kv_cache.py
         self.fork_pending = params.n > 1 and index == 0  # the group's children are forked after prefill
         self.matcher: object | None = None  # llguidance.LLMatcher of a structured-outputs request (grammar.py)
+        self.lora_request: object | None = None  # the LoRARequest it runs with (lora_manager.py); None: the base
+        self.cache_salt = b""  # mixed into its first block's hash: prefix-cache blocks are per adapter
 
     @property
     def num_tokens(self) -> int:
@@ -166,6 +168,7 @@ class Request:
         child.metrics.first_scheduled_time = self.metrics.first_scheduled_time
         child.metrics.num_cached_tokens = self.metrics.num_cached_tokens
         child.fork_pending = False
+        child.lora_request, child.cache_salt = self.lora_request, self.cache_salt
         if self.matcher is not None:  # forked before the first sample: the same (empty) grammar state
             child.matcher = self.matcher.deep_copy()
         return child

@@ -10,7 +10,8 @@ Each step hands every scheduled request a number of its not-yet-computed tokens:
     2. then, unless someone was preempted this step, waiting requests in arrival order while
        budget, max_num_seqs and free blocks allow: leading blocks found in the prefix cache are
        shared, the rest is computed (a chunk of at most the remaining budget when chunked
-       prefill is on, otherwise the whole prompt or nothing).
+       prefill is on, otherwise the whole prompt or nothing). With LoRA, a request whose adapter
+       finds no slot (all held by running requests' adapters) is skipped and keeps its place.
 
 A request is sampled in a step when that step computes its last known token (a decode, or
 the final chunk of its prompt). Nothing here touches tensors; see kv_cache.py for the blocks.
@@ -21,8 +22,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from ember.engine.lora_manager import LoRAManager
 
 
 @dataclass
@@ -47,8 +53,9 @@ class Scheduler:
     """Owns the waiting queue and the running list; see the module docstring for the policy."""
 
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool) -> None:
+                 enable_chunked_prefill: bool, lora: LoRAManager | None = None) -> None:
         self.kv = kv
+        self.lora = lora  # with LoRA: a waiting request runs only once its adapter has a slot
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -82,8 +89,12 @@ class Scheduler:
                 out.num_tokens.append(n)
                 budget -= n
                 i += 1
+        skipped: list[Request] = []  # their adapter found no free slot: they keep their place
         while self.waiting and budget > 0 and not out.preempted:
             req = self.waiting[0]
+            if self.lora is not None and not self.lora.admit(req, self.running):
+                skipped.append(self.waiting.popleft())
+                continue
             seqs = req.params.n if req.fork_pending else 1
             if len(self.running) + seqs > self.max_num_seqs and self.running:
                 break
@@ -108,6 +119,7 @@ class Scheduler:
             out.requests.append(req)
             out.num_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
         out.block_copies = self.kv.take_pending_copies()
         return out
 

@@ -1,0 +1,148 @@
+"""Multi-LoRA serving: many PEFT adapters (made by `peft` itself) over one base in the same batches.
+
+The reference for each request is the engine serving that adapter alone, merged into the base
+weights (LLM(base, adapter=...)); the multi-LoRA engine must give the same greedy tokens and
+logprobs within 1e-5 in mixed batches, through slot eviction, and with the prefix cache on.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+import ember
+from ember.engine import LLM, LoRARequest, LoRARequestError, RequestError, SamplingParams
+from ember.engine.config import EngineConfigError
+from tests.eval.conftest import tiny_dir, tokenizer  # noqa: F401
+
+PROMPTS = ["The for statement", "A class definition", "Exceptions are raised", "def f(x):", "import os",
+           "The while loop", "Comparisons can be chained", "A lambda expression"]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+TARGETS = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           ["o_proj", "down_proj"], ["gate_proj", "up_proj"]]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir, tmp_path_factory):  # noqa: F811
+    """16 random PEFT adapters of ranks 2-8 on different target sets, saved by peft."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("adapters")
+    paths = []
+    for i in range(16):
+        torch.manual_seed(100 + i)
+        cfg = peft.LoraConfig(r=[2, 4, 8][i % 3], lora_alpha=[4, 16, 8][i % 3], target_modules=TARGETS[i % 4],
+                              init_lora_weights=False, use_rslora=i % 5 == 4)
+        model = peft.get_peft_model(copy.deepcopy(base), cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)  # large enough that every adapter changes the greedy tokens
+        model.save_pretrained(root / f"a{i}")
+        paths.append(root / f"a{i}")
+    return paths
+
+
+def lora(paths, i: int) -> LoRARequest:
+    return LoRARequest(f"a{i}", i + 1, str(paths[i]))
+
+
+def merged_alone(tiny_dir, path, prompts):  # noqa: F811
+    return LLM(tiny_dir, adapter=path, num_kv_blocks=256).generate(prompts, GREEDY)
+
+
+def assert_same(got, want) -> None:
+    for g, w in zip(got, want):
+        go, wo = g.outputs[0], w.outputs[0]
+        assert go.token_ids == wo.token_ids
+        glp = [lp[t].logprob for lp, t in zip(go.logprobs, go.token_ids)]
+        wlp = [lp[t].logprob for lp, t in zip(wo.logprobs, wo.token_ids)]
+        assert max(abs(a - b) for a, b in zip(glp, wlp)) < 1e-5
+
+
+def test_a_batch_mixing_four_adapters_and_the_base_matches_each_adapter_alone(tiny_dir, adapters) -> None:  # noqa: F811
+    llm = LLM(tiny_dir, enable_lora=True, max_loras=4, max_lora_rank=8, num_kv_blocks=256)
+    prompts = PROMPTS + PROMPTS[:2]
+    which = [0, 1, 2, 3, None, 1, 3, None, 0, 2]  # interleaved: no adapter's rows are contiguous
+    outs = llm.generate(prompts, GREEDY, [None if w is None else lora(adapters, w) for w in which])
+    base = LLM(tiny_dir, num_kv_blocks=256).generate(prompts, GREEDY)
+    for k in (0, 1, 2, 3, None):
+        idx = [i for i, w in enumerate(which) if w == k]
+        want = [base[i] for i in idx] if k is None else merged_alone(tiny_dir, adapters[k], [prompts[i] for i in idx])
+        assert_same([outs[i] for i in idx], want)
+        if k is not None:  # the adapter really changes the output (a dropped adapter would not pass)
+            assert any(outs[i].outputs[0].token_ids != base[i].outputs[0].token_ids for i in idx)
+    assert llm.engine.lora.num_slot_loads == 4
+
+
+def test_sixteen_adapters_cycle_through_four_slots(tiny_dir, adapters) -> None:  # noqa: F811
+    llm = LLM(tiny_dir, enable_lora=True, max_loras=4, max_lora_rank=8, max_cpu_loras=4, num_kv_blocks=256)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+    which = [i % 16 for i in range(32)]
+    for _ in range(2):  # the second round reads adapters evicted from host memory back from disk
+        outs = llm.generate(prompts, GREEDY, [lora(adapters, w) for w in which])
+    mgr = llm.engine.lora
+    assert mgr.num_slot_loads >= 16 and mgr.num_disk_loads > 16
+    for k in range(16):
+        idx = [i for i, w in enumerate(which) if w == k]
+        assert_same([outs[i] for i in idx], merged_alone(tiny_dir, adapters[k], [prompts[i] for i in idx]))
+
+
+def test_prefix_cache_blocks_are_keyed_by_adapter(tiny_dir, adapters, tokenizer) -> None:  # noqa: F811
+    llm = LLM(tiny_dir, enable_lora=True, max_loras=2, max_lora_rank=8, num_kv_blocks=256, block_size=4)
+    prompt = tokenizer.encode("The for statement is used to iterate over the elements of a sequence")
+    assert len(prompt) > 8
+    first = llm.generate([prompt], GREEDY, lora(adapters, 1))[0]
+    again = llm.generate([prompt], GREEDY, lora(adapters, 1))[0]
+    other = llm.generate([prompt], GREEDY, lora(adapters, 2))[0]
+    base = llm.generate([prompt], GREEDY)[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens > 0  # the same adapter shares blocks
+    assert other.num_cached_tokens == 0 and base.num_cached_tokens == 0  # another adapter, or none, does not
+    assert_same([again], [first])
+    assert_same([other], merged_alone(tiny_dir, adapters[2], [prompt]))
+    assert_same([base], LLM(tiny_dir, num_kv_blocks=256).generate([prompt], GREEDY))
+
+
+def test_adapters_over_a_quantized_base(tiny_dir, adapters, tmp_path) -> None:  # noqa: F811
+    from ember.adapters.batched_lora import BatchedLoRALinear
+    from ember.quant import QuantConfig, quantize_model
+    from ember.quant.base import QuantLinear
+
+    qdir = tmp_path / "int8"
+    ember.save_model(quantize_model(ember.load_model(tiny_dir), QuantConfig(method="int8")), qdir)
+    for f in tiny_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, qdir / f.name)
+    llm = LLM(qdir, enable_lora=True, max_loras=2, max_lora_rank=8, num_kv_blocks=256)
+    wrapped = [m for m in llm.engine.model.modules() if isinstance(m, BatchedLoRALinear)]
+    assert wrapped and all(isinstance(m.base_layer, QuantLinear) for m in wrapped)
+    which = [0, None, 1, 0]
+    outs = llm.generate(PROMPTS[:4], GREEDY, [None if w is None else lora(adapters, w) for w in which])
+    for k in (0, 1):
+        idx = [i for i, w in enumerate(which) if w == k]
+        # unmerged over the quantized base (QLoRA-style), one adapter per engine
+        want = LLM(ember.load_model(qdir, adapter=adapters[k]), llm.get_tokenizer(), num_kv_blocks=256)
+        assert_same([outs[i] for i in idx], want.generate([PROMPTS[i] for i in idx], GREEDY))
+
+
+def test_lora_errors_name_the_problem(tiny_dir, adapters, tmp_path) -> None:  # noqa: F811
+    with pytest.raises(RequestError, match="enable_lora"):
+        LLM(tiny_dir, num_kv_blocks=64).generate(["x"], GREEDY, lora(adapters, 0))
+    llm = LLM(tiny_dir, enable_lora=True, max_lora_rank=4, num_kv_blocks=64)
+    with pytest.raises(LoRARequestError, match="rank 8 .* above max_lora_rank 4"):
+        llm.generate(["x"], GREEDY, lora(adapters, 2))
+    with pytest.raises(LoRARequestError, match="is not a folder"):
+        llm.generate(["x"], GREEDY, LoRARequest("gone", 7, str(tmp_path / "missing")))
+    llm.generate(["x"], GREEDY, lora(adapters, 0))
+    with pytest.raises(LoRARequestError, match="already names adapter 'a0'"):
+        llm.generate(["x"], GREEDY, LoRARequest("other", 1, str(adapters[1])))
+    with pytest.raises(LoRARequestError, match="lora_int_id must be an int >= 1"):
+        LoRARequest("x", 0, "p")
+    with pytest.raises(EngineConfigError, match="max_cpu_loras"):
+        LLM(tiny_dir, enable_lora=True, max_loras=4, max_cpu_loras=2)
+    assert not llm.engine.has_unfinished()
