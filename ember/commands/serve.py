@@ -7,6 +7,7 @@
     ember serve --model DIR --rag-index runs/idx          # chat answers grounded in an `ember rag` index
     ember serve --model runs/quickstart/pretrained --adapter runs/quickstart/finetune/adapter   # + a LoRA adapter
     ember serve --model DIR --tool-call-parser hermes        # how tool calls are read from replies
+    ember serve --model DIR --lora-modules sql=runs/sql chat=runs/chat --max-loras 2   # adapters as models
 
 Routes: /v1/completions, /v1/chat/completions (streaming with `"stream": true`), /v1/models,
 /tokenize, /detokenize, /health, /metrics (Prometheus), and a chat page at / (--no-ui: none). It binds to 127.0.0.1 unless --host
@@ -49,6 +50,11 @@ class ServeConfig(EngineConfig):
                                    metadata={"help": "tokenizer folder (default: the model folder)"})
     adapter: Path | None = field(default=None, kw_only=True, metadata={
         "help": "PEFT LoRA adapter folder applied to the model (merged into full-precision weights)"})
+    lora_modules: list[str] = field(default_factory=list, kw_only=True, metadata={
+        "help": "LoRA adapters served as models of their own, NAME=PATH each (a request's `model` picks one); "
+                "implies --enable-lora"})
+    allow_runtime_lora_updating: bool = field(default=False, kw_only=True, metadata={
+        "help": "add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (implies --enable-lora)"})
     served_model_name: str | None = field(default=None, kw_only=True, metadata={
         "help": "the name clients send as `model` (default: --model as given)"})
     host: str = field(default="127.0.0.1", kw_only=True, metadata={"help": "address to bind (0.0.0.0: all)"})
@@ -89,6 +95,22 @@ class ServeConfig(EngineConfig):
             raise ServeConfigError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
         if self.rag_k < 1 or self.rag_max_tokens < 1:
             raise ServeConfigError("--rag-k and --rag-max-tokens must be >= 1")
+        self.lora_paths()
+
+    def lora_paths(self) -> dict[str, Path]:
+        """--lora-modules as {name: folder}; one error line for a malformed or missing entry."""
+        out: dict[str, Path] = {}
+        for item in self.lora_modules:
+            name, sep, path = str(item).partition("=")
+            if not sep or not name or not path:
+                raise ServeConfigError(f"--lora-modules {item!r}: give NAME=PATH (an adapter name and its folder)")
+            if name in out:
+                raise ServeConfigError(f"--lora-modules names {name!r} twice")
+            if not Path(path).expanduser().is_dir():
+                raise ServeConfigError(f"--lora-modules {name}={path}: not a folder; give a PEFT adapter folder "
+                                       "(adapter_config.json + adapter_model.safetensors)")
+            out[name] = Path(path).expanduser()
+        return out
 
 
 CONFIG = ServeConfig
@@ -132,7 +154,9 @@ def build(cfg: ServeConfig):
                       max_queue_len=cfg.max_queue_len, max_body_bytes=int(cfg.max_body_mb * 2 ** 20),
                       log_interval=cfg.log_interval, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter,
                       rag_index=cfg.rag_index, ui=cfg.ui, tool_call_parser=cfg.tool_call_parser,
-                      rag_k=cfg.rag_k, rag_mode=cfg.rag_mode, rag_max_tokens=cfg.rag_max_tokens, **engine_kwargs(cfg))
+                      rag_k=cfg.rag_k, rag_mode=cfg.rag_mode, rag_max_tokens=cfg.rag_max_tokens,
+                      lora_modules=cfg.lora_paths(), allow_runtime_lora_updating=cfg.allow_runtime_lora_updating,
+                      **engine_kwargs(cfg))
 
 
 def main(cfg: ServeConfig) -> None:

@@ -105,10 +105,6 @@ class LoRAManager:
             for old in [k for k in self.host if k not in busy][:len(self.host) - self.max_cpu_loras]:
                 del self.host[old]
 
-    def remove(self, lora_int_id: int) -> None:
-        """Forget an adapter (unloaded by the server): its host copy now, its slot when next needed."""
-        self.host.pop(lora_int_id, None)
-
     # ---- scheduling ----------------------------------------------------------------------------
     def admit(self, req: Request, running: Iterable[Request]) -> bool:
         """Whether req can run now; gives its adapter a slot (see the module docstring)."""

@@ -5,7 +5,8 @@
 
     GET  /health                   200, or 503 once the engine has failed
     GET  /version                  {"version": ...}
-    GET  /v1/models[/{id}]         the served model, with max_model_len (as vLLM)
+    GET  /v1/models[/{id}]         the served model, with max_model_len (as vLLM), and its LoRA adapters
+    POST /v1/load_lora_adapter     with allow_runtime_lora_updating (lora.py); and unload_lora_adapter
     POST /v1/completions           completions.py
     POST /v1/chat/completions      chat.py
     POST /tokenize, /detokenize    vLLM's: a prompt or messages -> ids (+ strings); ids -> text
@@ -46,6 +47,7 @@ from ember.serve.chat import create_chat_completion, message_dicts, render_promp
 from ember.serve.completions import create_completion
 from ember.serve.errors import APIError, bad_request, error_body, error_response
 from ember.serve.grounding import Grounding
+from ember.serve.lora import add_lora_routes
 from ember.serve.metrics import ServerMetrics
 from ember.serve.middleware import ApiKeyGuard, BodyLimit
 from ember.serve import responses
@@ -66,22 +68,30 @@ def create_app(model: str | os.PathLike | Transformer, tokenizer: str | os.PathL
                max_body_bytes: int = 16 * 2 ** 20, log_interval: float = 10.0, dtype: str = "float32",
                device: str | None = None, adapter: str | os.PathLike | None = None, rag_index: str | os.PathLike | None = None, rag_k: int = 5,
                rag_mode: str = "hybrid", rag_max_tokens: int = 256, tool_call_parser: str | None = None,
-               ui: bool = True, **engine_config: Any) -> FastAPI:
+               ui: bool = True, lora_modules: dict[str, str | os.PathLike] | None = None,
+               allow_runtime_lora_updating: bool = False, **engine_config: Any) -> FastAPI:
     """Load a model folder (or a Transformer; a LoRA `adapter` folder on top) into an AsyncLLMEngine
     and build the app around it; with rag_index, chat answers are grounded in that index (grounding.py);
-    tool_call_parser names the tool-call format (tool_parsers.py; default: from the chat template)."""
+    tool_call_parser names the tool-call format (tool_parsers.py; default: from the chat template).
+    lora_modules {name: adapter folder} are served as models of their own, many in one batch
+    (lora.py); allow_runtime_lora_updating adds the routes that load and unload adapters."""
     tool_parser(tool_call_parser)  # an unknown name fails before the model loads
+    if lora_modules or allow_runtime_lora_updating:
+        engine_config["enable_lora"] = True
     engine = AsyncLLMEngine(LLM(model, tokenizer, dtype=dtype, device=device, adapter=adapter, **engine_config).engine)
     if engine.engine.tokenizer is None:
         raise EmberError("the server needs a tokenizer: give a model folder with tokenizer files, or --tokenizer")
     grounding = Grounding(rag_index, rag_k, rag_mode, rag_max_tokens) if rag_index is not None else None
     name = served_model_name or ("ember" if isinstance(model, Transformer) else str(model))
     serving = Serving(engine, name, max_queue_len, ServerMetrics(engine.stats, name), grounding, tool_call_parser)
-    return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval, ui=ui)
+    for lora_name, path in (lora_modules or {}).items():
+        serving.adapters.add_now(lora_name, path)
+    return build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes, log_interval=log_interval, ui=ui,
+                     lora_routes=allow_runtime_lora_updating)
 
 
 def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int = 16 * 2 ** 20,
-              log_interval: float = 10.0, ui: bool = True) -> FastAPI:
+              log_interval: float = 10.0, ui: bool = True, lora_routes: bool = False) -> FastAPI:
     """The app for one Serving; see the module docstring."""
     from ember import __version__
 
@@ -115,21 +125,22 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
     async def version() -> dict:
         return {"version": __version__}
 
-    def model_card() -> dict:
+    def model_card(name: str) -> dict:
         # root is the served name, never the folder it was loaded from: clients need not learn the
-        # server's filesystem layout
-        return {"id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "ember",
-                "root": serving.model_name, "parent": None, "max_model_len": serving.max_model_len}
+        # server's filesystem layout. An adapter's parent is the base model (vLLM's cards).
+        parent = None if name == serving.model_name else serving.model_name
+        return {"id": name, "object": "model", "created": serving.created, "owned_by": "ember",
+                "root": name, "parent": parent, "max_model_len": serving.max_model_len}
 
-    @app.get("/v1/models", responses=json_response(responses.ModelList, "the served model"))
+    @app.get("/v1/models", responses=json_response(responses.ModelList, "the served model and its LoRA adapters"))
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in [serving.model_name, *serving.adapters.by_name]]}
 
     @app.get("/v1/models/{model_id:path}", responses=json_response(responses.ModelCard, "the model's card"))
     async def model(model_id: str) -> dict:
-        if model_id != serving.model_name:
+        if model_id != serving.model_name and serving.adapters.get(model_id) is None:
             raise APIError(404, f"The model `{model_id[:200]}` does not exist.", "model_not_found", "model")
-        return model_card()
+        return model_card(model_id)
 
     @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest),
               responses=json_response(responses.Completion, "the completion, or its chunks when stream=true", True))
@@ -189,6 +200,8 @@ def build_app(serving: Serving, api_key: str | None = None, max_body_bytes: int 
 
     if ui:
         add_ui(app, serving)
+    if lora_routes:
+        add_lora_routes(app, serving)
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, on_reject=serving.metrics.count_failure)
     if api_key:

@@ -106,7 +106,7 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
     if plan.mode == "auto" and not plan.parser.skip_special_tokens:
         params.skip_special_tokens = False  # the parser's marker is a special token (Mistral's [TOOL_CALLS])
     view = _Chat(serving, req, ids, f"chatcmpl-{uuid.uuid4().hex}", sources, plan)
-    reqs = serving.start(view.id, [ids], [params])
+    reqs = serving.start(view.id, [ids], [params], req.model)
     if req.stream:
         return SSEResponse(view.chunks(reqs), on_close=reqs.abort)
     return JSONResponse(view.body((await serving.collect(request, reqs))[0]))
@@ -141,7 +141,7 @@ class _Chat:
                             "logprobs": self._logprobs(seq.token_ids, seq.logprobs),
                             "finish_reason": reply.finish_reason(seq.finish_reason), "stop_reason": seq.stop_reason})
         body = {"id": self.id, "object": "chat.completion", "created": self.created,
-                "model": self.serving.model_name, "choices": choices, "usage": self._usage(acc.num_generated)}
+                "model": self.serving.response_name(self.req.model), "choices": choices, "usage": self._usage(acc.num_generated)}
         if self.req.prompt_logprobs is not None and acc.prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(acc.prompt_logprobs)
         if self.sources is not None:
@@ -150,7 +150,7 @@ class _Chat:
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.serving.model_name, "choices": [choice]}
+                "model": self.serving.response_name(self.req.model), "choices": [choice]}
 
     async def chunks(self, reqs: Requests) -> AsyncIterator[dict[str, Any]]:
         started: set[int] = set()
@@ -184,4 +184,4 @@ class _Chat:
                         yield chunk
         if self.req.include_usage:
             yield {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                   "model": self.serving.model_name, "choices": [], "usage": self._usage(generated)}
+                   "model": self.serving.response_name(self.req.model), "choices": [], "usage": self._usage(generated)}

@@ -56,7 +56,7 @@ async def create_completion(serving: Serving, request: Request) -> Response:
         except EmberError as e:
             raise bad_request(str(e)) from None
     view = _Completion(serving, req, prompts, ids, f"cmpl-{uuid.uuid4().hex}")
-    reqs = serving.start(view.id, ids, params)
+    reqs = serving.start(view.id, ids, params, req.model)
     if req.stream:
         return SSEResponse(view.chunks(reqs), on_close=reqs.abort)
     return JSONResponse(view.body(await serving.collect(request, reqs)))
@@ -109,7 +109,7 @@ class _Completion:
                     choice["prompt_logprobs"] = prompt_logprobs_json(acc.prompt_logprobs)
                 choices.append(choice)
         return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.serving.model_name, "choices": choices, "usage": self._usage(generated)}
+                "model": self.serving.response_name(self.req.model), "choices": choices, "usage": self._usage(generated)}
 
     async def chunks(self, reqs: Requests) -> AsyncIterator[dict[str, Any]]:
         req, n = self.req, self.req.n
@@ -140,7 +140,7 @@ class _Completion:
                     if not text and finish is None and not (lps and lps["tokens"]):
                         continue  # text held back (a possible stop string, a partial character)
                     chunk = {"id": self.id, "object": "text_completion", "created": self.created,
-                             "model": self.serving.model_name,
+                             "model": self.serving.response_name(self.req.model),
                              "choices": [{"index": index, "text": text, "logprobs": lps, "finish_reason": finish,
                                           "stop_reason": None if self.echo_only else c.stop_reason}]}
                     if continuous:
@@ -148,4 +148,4 @@ class _Completion:
                     yield chunk
         if req.include_usage:
             yield {"id": self.id, "object": "text_completion", "created": self.created,
-                   "model": self.serving.model_name, "choices": [], "usage": self._usage(generated)}
+                   "model": self.serving.response_name(self.req.model), "choices": [], "usage": self._usage(generated)}

@@ -27,11 +27,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from ember.engine.async_engine import AsyncLLMEngine
+from ember.engine.lora_request import LoRARequest
 from ember.engine.request import PositionLogprobs, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.errors import EmberError
 from ember.serve.errors import APIError, bad_request, validation_error
 from ember.serve.grounding import Grounding
+from ember.serve.lora import ServedAdapters
 from ember.serve.metrics import ServerMetrics
 from ember.serve.streaming import unless_disconnected
 from ember.tokenizer import Tokenizer
@@ -93,6 +95,7 @@ class Serving:
         self.max_queue_len = max_queue_len
         self.metrics = metrics
         self.created = int(time.time())
+        self.adapters = ServedAdapters(engine, model_name)  # LoRA adapters served under their own names
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -118,10 +121,24 @@ class Serving:
         if req.model_extra:
             log.warning("ignoring unknown request field(s): %s", ", ".join(sorted(req.model_extra))[:200])
         name = getattr(req, "model", None)
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name[:200]}` does not exist: this server serves "
-                                f"`{self.model_name}`.", "model_not_found", "model")
+        if name is not None:
+            self.lora_for(name)
         return req
+
+    def lora_for(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's `model` names (None: the base model); 404 for an unknown name."""
+        if name is None or name == self.model_name:
+            return None
+        lr = self.adapters.get(name)
+        if lr is None:
+            served = ", ".join(f"`{n}`" for n in [self.model_name, *self.adapters.by_name][:20])
+            raise APIError(404, f"The model `{name[:200]}` does not exist: this server serves {served}.",
+                           "model_not_found", "model")
+        return lr
+
+    def response_name(self, name: str | None) -> str:
+        """The `model` a response reports: the adapter the request named, else the base model."""
+        return name if name is not None and self.adapters.get(name) is not None else self.model_name
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) > _THREAD_ENCODE_CHARS:
@@ -153,14 +170,17 @@ class Serving:
                                 f"{self.max_queue_len} queued requests): retry later", "queue_full",
                            headers={"Retry-After": "1"})
 
-    def start(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> "Requests":
-        """Queue one engine request per prompt (all or none); 429 when the queue is full."""
+    def start(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+              model: str | None = None) -> "Requests":
+        """Queue one engine request per prompt (all or none), with the adapter `model` names; 429
+        when the queue is full."""
+        lora = self.lora_for(model)
         self.admit(len(prompts))
         reqs = Requests(self.engine)
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                stream = self.engine.add_request(rid, ids, p)
+                stream = self.engine.add_request(rid, ids, p, lora_request=lora)
                 reqs.ids.append(rid)
                 reqs.streams.append(self.metrics.track(stream))
         except EmberError as e:
