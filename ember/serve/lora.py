@@ -102,9 +102,13 @@ class ServedAdapters:
 
 def add_lora_routes(app: FastAPI, serving: Serving) -> None:
     """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (only with --allow-runtime-lora-updating)."""
+    from ember.serve.openapi import request_body  # openapi.py imports this module's request models
     adapters = serving.adapters
 
-    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    text = {200: {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=text,
+              openapi_extra=request_body(LoadLoRARequest))
     async def load_lora_adapter(request: Request) -> Response:
         req = serving.parse(LoadLoRARequest, await request.body())
         try:
@@ -115,7 +119,8 @@ def add_lora_routes(app: FastAPI, serving: Serving) -> None:
             raise bad_request(str(e), "lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=text,
+              openapi_extra=request_body(UnloadLoRARequest))
     async def unload_lora_adapter(request: Request) -> Response:
         req = serving.parse(UnloadLoRARequest, await request.body())
         adapters.remove(req.lora_name)

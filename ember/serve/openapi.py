@@ -21,13 +21,14 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from ember.serve import protocol, responses
+from ember.serve.lora import LoadLoRARequest, UnloadLoRARequest
 
 if TYPE_CHECKING:
     from ember.serve.serving import Serving
 
 _REF = "#/components/schemas/{model}"
 REQUESTS = [protocol.CompletionRequest, protocol.ChatCompletionRequest, protocol.TokenizeRequest,
-            protocol.DetokenizeRequest]
+            protocol.DetokenizeRequest, LoadLoRARequest, UnloadLoRARequest]
 RESPONSES = [responses.Completion, responses.ChatCompletion, responses.ModelList, responses.ModelCard,
              responses.TokenizeResponse, responses.DetokenizeResponse, responses.TokenizerInfo, responses.Version,
              responses.ErrorResponse]
@@ -76,6 +77,9 @@ def _bound(defs: dict[str, Any], serving: Serving) -> None:
     vocab = serving.engine.engine.model.config.vocab_size
     token = {"type": "integer", "minimum": 0, "maximum": vocab - 1}
     name = {"anyOf": [{"type": "string", "enum": [serving.model_name]}, {"type": "null"}]}
+    if serving.adapters.enabled:  # adapters can come and go at run time: /v1/models says which are served
+        name = {"anyOf": [{"type": "string", "description": "the served model or one of its LoRA adapters "
+                           "(GET /v1/models)"}, {"type": "null"}]}
     for model in ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest"):
         props = defs[model]["properties"]
         props["model"] = {**name, "default": None}

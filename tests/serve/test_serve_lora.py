@@ -107,3 +107,10 @@ def test_lora_modules_flag_errors(tiny_dir, tmp_path) -> None:  # noqa: F811
             ServeConfig(model=tiny_dir, lora_modules=[value])
     with pytest.raises(ServeConfigError, match="twice"):
         ServeConfig(model=tiny_dir, lora_modules=[f"a={tmp_path}", f"a={tmp_path}"])
+
+
+def test_openapi_documents_the_lora_routes(lora_server) -> None:
+    doc = httpx.get(lora_server + "/openapi.json").json()
+    body = doc["paths"]["/v1/load_lora_adapter"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].rsplit("/", 1)[1] in doc["components"]["schemas"]
+    assert "enum" not in doc["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["anyOf"][0]
