@@ -5,13 +5,13 @@ The serving engine wraps every linear layer of the transformer blocks in a `Batc
 once (ember/engine/lora_manager.py), with K slots of stacked adapter weights:
 
     a: (K, R, in)     slot k's lora_A, its first r_k rows used (R = max_lora_rank)
-    b: (K, R, out)    slot k's lora_B transposed, times its scaling (alpha / r, or / sqrt(r))
+    b: (K, R, out)    slot k's lora_B transposed; scaling_k = alpha / r (or / sqrt(r), rsLoRA)
 
 A step's rows are grouped by slot once (`LoRABatch.groups`, set by the engine before the
 forward); every wrapped layer then computes
 
     y = base(x)                                   all N rows, one matmul (quantized or not)
-    y[rows_k] += (x[rows_k] @ a_k[:r].T) @ b_k[:r]   for each slot k used in the step
+    y[rows_k] += ((x[rows_k] @ a_k[:r].T) @ b_k[:r]) * scaling_k   for each slot k in the step
 
 so the cost over the base is one pair of thin matmuls per adapter present, never a forward per
 adapter. Rows without an adapter (the base model) are in no group. Slots that an adapter does
@@ -70,6 +70,7 @@ class BatchedLoRALinear(nn.Module):
         self.register_buffer("b", torch.zeros(num_slots, max_rank, self.out_features, device=device),
                              persistent=False)
         self.ranks = [0] * num_slots  # 0: the slot's adapter does not touch this layer
+        self.scalings = [0.0] * num_slots
         self.batch = batch
 
     @torch.no_grad()
@@ -80,8 +81,8 @@ class BatchedLoRALinear(nn.Module):
             return
         r = a.shape[0]
         self.a[slot, :r] = a
-        self.b[slot, :r] = b.t() * scaling
-        self.ranks[slot] = r
+        self.b[slot, :r] = b.t()
+        self.ranks[slot], self.scalings[slot] = r, scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -97,7 +98,8 @@ class BatchedLoRALinear(nn.Module):
             if r == 0:
                 continue
             xs = x2[rows].float()
-            delta = torch.mm(torch.mm(xs, self.a[slot, :r].t()), self.b[slot, :r]).to(y.dtype)
+            # PEFT's order of operations (scaling last), so a row equals PEFT's unmerged layer
+            delta = (torch.mm(torch.mm(xs, self.a[slot, :r].t()), self.b[slot, :r]) * self.scalings[slot]).to(y.dtype)
             if isinstance(rows, slice):
                 y2[rows] += delta
             else:
