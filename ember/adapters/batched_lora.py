@@ -4,20 +4,23 @@ update from the adapter slot it uses (Punica's segmented gather, SGMV, in PyTorc
 The serving engine wraps every linear layer of the transformer blocks in a `BatchedLoRALinear`
 once (ember/engine/lora_manager.py), with K slots of stacked adapter weights:
 
-    a: (K, R, in)     slot k's lora_A, its first r_k rows used (R = max_lora_rank)
-    b: (K, R, out)    slot k's lora_B transposed; scaling_k = alpha / r (or / sqrt(r), rsLoRA)
+    a: (K, R, in)     slot k's lora_A in its first r_k rows, zeros after (R = max_lora_rank)
+    b: (K, R, out)    slot k's lora_B transposed, times its scaling (alpha / r, or / sqrt(r))
 
-A step's rows are grouped by slot once (`LoRABatch.groups`, set by the engine before the
-forward); every wrapped layer then computes
+A step's rows are grouped by slot once (`LoRABatch`, set by the engine before the forward);
+every wrapped layer then computes
 
     y = base(x)                                   all N rows, one matmul (quantized or not)
-    y[rows_k] += ((x[rows_k] @ a_k[:r].T) @ b_k[:r]) * scaling_k   for each slot k in the step
+    y[rows_k] += (x[rows_k] @ a_k.T) @ b_k        for each slot k in the step, as two batched
+                                                  matmuls over the groups padded to one size
 
-so the cost over the base is one pair of thin matmuls per adapter present, never a forward per
-adapter. Rows without an adapter (the base model) are in no group. Slots that an adapter does
-not target for a layer have rank 0 there and cost nothing. The update is computed in float32
-as PEFT does (adapters in float32 whatever the base dtype), so a row's output equals the base
-with that adapter merged, up to the order of the sums (tests/engine/test_multi_lora.py).
+so the cost over the base is two thin batched matmuls and a gather/scatter of rows per layer,
+whatever the number of adapters, never a forward per adapter. Rows without an adapter (the base
+model) are in no group. A layer that no adapter in the step targets costs nothing; one that some
+target computes zeros for the others (their weights there are zero). The update is computed in
+float32 as PEFT does (adapters in float32 whatever the base dtype; the scaling folded into b), so
+a row's output equals the base with that adapter merged, up to the order of the sums
+(tests/engine/test_multi_lora.py).
 """
 
 from __future__ import annotations
@@ -27,32 +30,58 @@ import torch.nn as nn
 
 from ember.adapters.lora import LoRAError, is_linear_like
 
-# Row groups of a step: (slot, rows) where rows is a slice (contiguous rows) or an index tensor.
-Groups = list[tuple[int, "slice | torch.Tensor"]]
-
-
 class LoRABatch:
-    """The current step's rows grouped by adapter slot; shared by every BatchedLoRALinear of a model."""
+    """The current step's rows grouped by adapter slot; shared by every BatchedLoRALinear of a model.
+
+    One adapter in the step: `single` = (slot, rows), rows a slice when contiguous. Several: the
+    groups padded to the largest one, M rows each, so every layer runs two batched matmuls
+    whatever the number of adapters (Punica's BGMV over segments):
+        index (S * M,)  the rows of x each group position reads (pads read row 0),
+        slots           the S slots (a slice when they are consecutive: no copy of their weights),
+        mask (S, M, 1)  1 for real rows, 0 for pads (None without pads): pads add exact zeros.
+    """
 
     def __init__(self) -> None:
-        self.groups: Groups = []
+        self.active = False
+        self.single: tuple[int, slice | torch.Tensor] | None = None
+        self.slot_ids: list[int] = []
+        self.index: torch.Tensor | None = None
+        self.slots: slice | torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.group_rows = 0
 
     def set_rows(self, slot_of_row: list[int], device: torch.device) -> None:
         """Group rows by slot (-1: no adapter)."""
+        self.clear()
         rows: dict[int, list[int]] = {}
         for i, slot in enumerate(slot_of_row):
             if slot >= 0:
                 rows.setdefault(slot, []).append(i)
-        groups: Groups = []
-        for slot, idx in rows.items():
-            if idx[-1] - idx[0] + 1 == len(idx):  # contiguous: a view, no gather
-                groups.append((slot, slice(idx[0], idx[-1] + 1)))
-            else:
-                groups.append((slot, torch.tensor(idx, device=device)))
-        self.groups = groups
+        if not rows:
+            return
+        self.active = True
+        self.slot_ids = sorted(rows)
+        if len(rows) == 1:
+            slot, idx = next(iter(rows.items()))
+            contiguous = idx[-1] - idx[0] + 1 == len(idx)
+            self.single = (slot, slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device))
+            return
+        m = max(len(v) for v in rows.values())
+        self.group_rows = m
+        index, mask = [], []
+        for slot in self.slot_ids:
+            idx = rows[slot]
+            index += idx + [0] * (m - len(idx))
+            mask += [1.0] * len(idx) + [0.0] * (m - len(idx))
+        self.index = torch.tensor(index, device=device)
+        if 0.0 in mask:
+            self.mask = torch.tensor(mask, device=device).view(len(rows), m, 1)
+        lo, hi = self.slot_ids[0], self.slot_ids[-1]
+        self.slots = slice(lo, hi + 1) if hi - lo + 1 == len(rows) else torch.tensor(self.slot_ids, device=device)
 
     def clear(self) -> None:
-        self.groups = []
+        self.active, self.single, self.slot_ids = False, None, []
+        self.index = self.slots = self.mask = None
 
 
 class BatchedLoRALinear(nn.Module):
@@ -69,41 +98,47 @@ class BatchedLoRALinear(nn.Module):
         self.register_buffer("a", torch.zeros(num_slots, max_rank, self.in_features, device=device), persistent=False)
         self.register_buffer("b", torch.zeros(num_slots, max_rank, self.out_features, device=device),
                              persistent=False)
-        self.ranks = [0] * num_slots  # 0: the slot's adapter does not touch this layer
-        self.scalings = [0.0] * num_slots
+        self.ranks = [0] * num_slots  # 0: the slot's adapter does not touch this layer (its a, b are zero)
         self.batch = batch
 
     @torch.no_grad()
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
-        """Put one adapter's A (r, in) and B (out, r) in `slot` (None: it does not target this layer)."""
+        """Put one adapter's A (r, in) and B (out, r) in `slot` (None: it does not target this layer).
+        Rows past its rank stay zero, so the batched product over max_rank adds nothing for them."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
         if a is None or b is None:
             self.ranks[slot] = 0
             return
         r = a.shape[0]
         self.a[slot, :r] = a
-        self.b[slot, :r] = b.t()
-        self.ranks[slot], self.scalings[slot] = r, scaling
+        self.b[slot, :r] = b.t() * scaling
+        self.ranks[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        groups = self.batch.groups
-        if not groups:
+        batch = self.batch
+        if not batch.active or not any(self.ranks[s] for s in batch.slot_ids):
             return y
         if not y.is_contiguous():
             y = y.contiguous()
         x2 = x.reshape(-1, self.in_features)
         y2 = y.view(-1, self.out_features)  # (N, out), written in place
-        for slot, rows in groups:
+        if batch.single is not None:
+            slot, rows = batch.single
             r = self.ranks[slot]
-            if r == 0:
-                continue
-            xs = x2[rows].float()
-            # PEFT's order of operations (scaling last), so a row equals PEFT's unmerged layer
-            delta = (torch.mm(torch.mm(xs, self.a[slot, :r].t()), self.b[slot, :r]) * self.scalings[slot]).to(y.dtype)
+            delta = torch.mm(torch.mm(x2[rows].float(), self.a[slot, :r].t()), self.b[slot, :r]).to(y.dtype)
             if isinstance(rows, slice):
                 y2[rows] += delta
             else:
                 y2.index_add_(0, rows, delta)
+            return y
+        s, m = len(batch.slot_ids), batch.group_rows
+        xs = x2.index_select(0, batch.index).float().view(s, m, self.in_features)  # (S, M, in)
+        delta = torch.bmm(torch.bmm(xs, self.a[batch.slots].transpose(1, 2)), self.b[batch.slots])  # (S, M, out)
+        if batch.mask is not None:
+            delta.mul_(batch.mask)
+        y2.index_add_(0, batch.index, delta.view(-1, self.out_features).to(y.dtype))
         return y
 
     def extra_repr(self) -> str:
