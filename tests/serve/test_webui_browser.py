@@ -18,6 +18,7 @@ import pytest
 
 from ember.serve import create_app, running
 from tests.serve.browser import chrome, console_errors, network_log, screenshot
+from tests.engine.test_multi_lora import adapters  # noqa: F401
 from tests.serve.conftest import make_app, metric
 
 pytest.importorskip("selenium")
@@ -271,15 +272,35 @@ def test_settings_go_into_the_request(browser, server) -> None:
     assert "3 tokens" in last_reply(d).find_element(By.CLASS_NAME, "meta").text  # from the usage chunk
     field(d, "system", "")
 
-    # another entry in the picker (as /v1/models would list an adapter) is what the next request names
-    d.execute_script("const s = document.getElementById('model'); s.add(new Option('tiny-lora', 'tiny-lora'));"
-                     "s.value = 'tiny-lora'; s.dispatchEvent(new Event('change'));")
-    ask(d, "Hello", max_tokens=3)
-    until(d, reply_done, "no reply")
-    assert d.execute_script("return window.sent[1].model") == "tiny-lora"
-    assert "`tiny-lora` does not exist" in last_reply(d).find_element(By.CLASS_NAME, "error").text
-    d.execute_script("const s = document.getElementById('model'); s.value = 'tiny';"
-                     "s.dispatchEvent(new Event('change'));")
+
+def test_the_picker_lists_lora_adapters_and_a_chosen_one_answers(browser, tiny_dir, adapters) -> None:  # noqa: F811
+    d = browser
+    with running(make_app(tiny_dir, lora_modules={"tiny-lora": adapters[1]}, max_lora_rank=8)) as url:
+        open_page(d, url)
+        options = [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#model option")]
+        assert options == ["tiny", "tiny-lora"]
+        d.execute_script("window.sent = []; const f = window.fetch; window.fetch = (url, init) => {"
+                         "  if (String(url).includes('/chat/')) window.sent.push(JSON.parse(init.body));"
+                         "  return f(url, init); };")
+        d.execute_script("const s = document.getElementById('model'); s.value = 'tiny-lora';"
+                         "s.dispatchEvent(new Event('change'));")
+        ask(d, "Hello", max_tokens=6, temperature=0)
+        until(d, reply_done, "no reply")
+        reply = last_reply(d)
+        assert not reply.find_element(By.CLASS_NAME, "error").text
+        sent = d.execute_script("return window.sent[0]")
+        assert sent["model"] == "tiny-lora"
+        # the page shows what the adapter says: the same request, not streamed, through the API
+        body = {k: v for k, v in sent.items() if k not in ("stream", "stream_options")}
+        want = httpx.post(url + "/v1/chat/completions", json=body, timeout=LIMIT).json()
+        base = httpx.post(url + "/v1/chat/completions", json={**body, "model": "tiny"}, timeout=LIMIT).json()
+        assert want["model"] == "tiny-lora" and want["choices"][0]["message"]["content"] != \
+            base["choices"][0]["message"]["content"]
+        kept = d.execute_script("return JSON.parse(localStorage.getItem('ember.conversations'))"
+                                ".flatMap(c => c.messages).filter(m => m.role === 'assistant').map(m => m.content)")
+        assert want["choices"][0]["message"]["content"] in kept
+        assert "tiny-lora" in reply.find_element(By.CLASS_NAME, "meta").text
+        d.execute_script("localStorage.clear()")
 
 
 def test_conversations_are_exported_and_deleted(browser, server) -> None:
