@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ember.adapters.batched_lora import BatchedLoRALinear, LoRABatch, wrap_for_serving
 from ember.adapters.lora import LoRAError, lora_scaling
+from ember.engine import native
 from ember.engine.lora_request import LoRARequest, LoRARequestError
 from ember.engine.request import Request
 
@@ -48,7 +49,10 @@ class LoRAManager:
         self.model = model
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         self.batch = LoRABatch()
-        self.layers: dict[str, BatchedLoRALinear] = wrap_for_serving(model, max_loras, max_lora_rank, self.batch)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        linear = native.linear if on_cpu and native.available() else None  # shared q|k|v, gate|up matmuls
+        self.layers: dict[str, BatchedLoRALinear] = wrap_for_serving(model, max_loras, max_lora_rank, self.batch,
+                                                                     linear)
         self.host: OrderedDict[int, AdapterWeights] = OrderedDict()  # lora_int_id -> weights, LRU first
         self.slots: list[int | None] = [None] * max_loras  # lora_int_id held by each slot
         self.slot_of: dict[int, int] = {}
