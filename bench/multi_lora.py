@@ -98,7 +98,7 @@ def main() -> None:
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     tokens = args.requests * args.max_tokens
-    engine_opts = dict(max_num_seqs=args.requests, kv_cache_memory=1.0)
+    engine_opts = {"max_num_seqs": args.requests, "kv_cache_memory": 1.0}
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(Path(tmp), args.rank, args.targets)
@@ -120,10 +120,11 @@ def main() -> None:
             wall = cpu = merge = 0.0
             for k in range(NUM_ADAPTERS):
                 idx = [i for i in range(args.requests) if i % NUM_ADAPTERS == k]
-                merge += timed(lambda: merged[k].apply(1.0))[0]
-                w, c = timed(lambda: base.generate([prompts[i] for i in idx], params))
+                share = [prompts[i] for i in idx]
+                merge += timed(lambda m=merged[k]: m.apply(1.0))[0]
+                w, c = timed(lambda share=share: base.generate(share, params))
                 wall, cpu = wall + w, cpu + c
-                merge += timed(lambda: merged[k].apply(-1.0))[0]
+                merge += timed(lambda m=merged[k]: m.apply(-1.0))[0]
             return (wall, cpu), merge
 
         names = ("base", "multi-LoRA", "one-at-a-time", "base on LoRA")
@@ -155,7 +156,8 @@ def main() -> None:
                        ("base on LoRA", "LoRA-enabled engine, requests without adapters")):
         print(f"  {name:14s} {med[name]:7.1f} tok/s   {ratios[name]:.2f}x base   "
               f"({cpu_ratios[name]:.2f}x per CPU-second)   ({what})")
-    print(f"  multi-LoRA / one-at-a-time: {statistics.median(m / o for m, o in zip(rows['multi-LoRA'], rows['one-at-a-time'])):.2f}x"
+    vs_one = statistics.median(m / o for m, o in zip(rows["multi-LoRA"], rows["one-at-a-time"]))
+    print(f"  multi-LoRA / one-at-a-time: {vs_one:.2f}x"
           f"; merging + unmerging 8 adapters took {statistics.median(merge_times):.2f} s per round (not counted)")
     print(f"  target: multi-LoRA >= 0.70x base -> wall-clock {'met' if ratios['multi-LoRA'] >= 0.70 else 'NOT met'}, "
           f"per CPU-second {'met' if cpu_ratios['multi-LoRA'] >= 0.70 else 'NOT met'}")

@@ -21,6 +21,7 @@ from ember.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "EmberError", "LLM", "LoRARequest", "ModelConfig", "SamplingParams", "StructuredOutputsParams",
+    "CheckpointError", "ConfigError", "EmberError", "LLM", "LoRARequest", "ModelConfig", "SamplingParams",
+    "StructuredOutputsParams",
     "Tokenizer", "TokenizerError", "Transformer", "generate", "load_model", "load_tokenizer", "preset", "save_model",
 ]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 from ember.engine.kv_cache import KVCacheManager
