@@ -8,14 +8,20 @@ pinned swaps, and the clear errors a user can cause.
 
 from __future__ import annotations
 
+import zlib
+from array import array
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ember.config import preset
 from ember.engine import LLM, SamplingParams
 from ember.engine.config import EngineConfig, EngineConfigError
-from ember.engine.kv_cache import hash_block
+from ember.engine.kv_cache import KVCacheManager, hash_block
 from ember.engine.kv_offload import KVOffloadError, KVOffloadTier
+from ember.engine.request import Request
 from ember.model.generate import generate
 from tests.engine.conftest import spread_model
 from tests.engine.test_engine_parity import NEW as PARITY_NEW
@@ -193,3 +199,88 @@ def test_tier_errors_are_one_clear_line(tmp_path) -> None:
         EngineConfig(kv_offload_dir=str(tmp_path))
     with pytest.raises(EngineConfigError, match="kv_offload_gb must be >= 0"):
         EngineConfig(kv_offload_gb=-1)
+
+
+# ---- the bookkeeping under random interleavings, with contents ------------------------------------
+PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+# Adds and frees weighted up, so that prefixes are evicted from the pool and come back often.
+ops = st.lists(st.tuples(st.sampled_from(["add", "add", "free", "free", "step", "fork", "preempt", "resume"]),
+                         st.integers(0, 1000), st.integers(0, 1000)), min_size=10, max_size=80)
+
+
+def _stamp(tokens: list[int], p: int) -> float:
+    """What "computing" position p writes: a function of the tokens up to p (exact in fp32)."""
+    return float(zlib.crc32(array("q", tokens[:p + 1]).tobytes()) % 2**20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, num_blocks=st.integers(2, 10), block_size=st.sampled_from([1, 1, 2, 4]), slots=st.integers(1, 12))
+def test_random_interleavings_keep_every_computed_position(ops, num_blocks: int, block_size: int, slots: int) -> None:
+    """Spills, restores, swaps out and in, forks (copy-on-write) and evictions in any order: every
+    live request's computed positions hold exactly what computing them wrote."""
+    kv, bs = KVCacheManager(num_blocks, block_size), block_size
+    pool = torch.full((1, 2, num_blocks, 1, bs, 1), -1.0)
+    kv.offload = tier = KVOffloadTier(pool, bytearray(num_blocks), slots)
+    live: list[Request] = []
+    swapped: list[Request] = []
+    counter = 0
+
+    def compute(req: Request, n: int) -> None:
+        for src, dst in kv.take_pending_copies():  # as the runner does before the forward
+            pool[:, :, dst] = pool[:, :, src]
+        table = kv.block_table(req.request_id)
+        for p in range(req.num_computed_tokens, req.num_computed_tokens + n):
+            pool[0, :, table[p // bs], 0, p % bs, 0] = _stamp(req.token_ids, p)
+        req.num_computed_tokens += n
+
+    for op, a, b in ops:
+        if op == "add":
+            req = Request(f"r{counter}", PREFIXES[a % 3][:1 + b % 10] + [100 + b % 7] * (a % 5),
+                          SamplingParams(max_tokens=8), max_tokens=8)
+            counter += 1
+            hits = kv.get_computed_blocks(req)
+            restore = kv.offloaded_prefix(req, len(hits))
+            cached = (len(hits) + len(restore)) * bs
+            if kv.allocate_slots(req, req.num_tokens - cached, hits, restore):
+                req.num_computed_tokens = cached
+                kv.cache_blocks(req, req.num_tokens)
+                compute(req, req.num_tokens - cached)
+                live.append(req)
+        elif op == "resume" and swapped:
+            req = swapped[a % len(swapped)]
+            if kv.allocate_slots(req, 0):
+                kv.swap_in(req)
+                kv.cache_blocks(req, req.num_computed_tokens)
+                swapped.remove(req)
+                live.append(req)
+        elif live and op in ("step", "fork", "free", "preempt"):
+            req = live[a % len(live)]
+            if op == "step":
+                req.token_ids.append(b % 50)
+                if kv.allocate_slots(req, 1):
+                    kv.cache_blocks(req, req.num_computed_tokens + 1)
+                    compute(req, 1)
+                else:
+                    req.token_ids.pop()
+            elif op == "fork":
+                child = req.fork(1 + counter)
+                child.request_id = f"r{counter}"
+                counter += 1
+                kv.fork(req, child)
+                live.append(child)
+            else:
+                if op == "preempt" and kv.swap_out(req):
+                    swapped.append(req)
+                kv.free(req)
+                live.remove(req)
+        kv.check_invariants()
+        for req in live:
+            table = kv.block_table(req.request_id)
+            got = [pool[0, 0, table[p // bs], 0, p % bs, 0].item() for p in range(req.num_computed_tokens)]
+            assert got == [_stamp(req.token_ids, p) for p in range(req.num_computed_tokens)]
+    for req in live:
+        kv.free(req)
+    for req in swapped:
+        tier.discard(req.request_id)
+    kv.check_invariants()
+    assert not tier.swapped and len(tier.free_slots) + len(tier.prefix) == slots
