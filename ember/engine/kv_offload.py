@@ -101,7 +101,7 @@ class KVOffloadTier:
 
     @classmethod
     def sized(cls, pool: torch.Tensor, initialized: bytearray, gib: float,
-              directory: str | None = None) -> "KVOffloadTier":
+              directory: str | None = None) -> KVOffloadTier:
         """A tier of `gib` GiB (whole blocks) behind `pool`."""
         block_bytes = pool[:, :, 0].numel() * pool.element_size()
         return cls(pool, initialized, int(gib * GiB // block_bytes), directory)

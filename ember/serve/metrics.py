@@ -67,7 +67,8 @@ class _EngineCollector:
                    s.kv_cache_usage)]
         counters = [("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
                     ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hits),
-                    ("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).",
+                    ("num_preemptions",
+                     "Sequences preempted (KV blocks freed; recomputed later, or swapped to the KV offload tier).",
                      s.num_preemptions),
                     ("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total),
                     ("generation_tokens", "Tokens generated.", s.generation_tokens_total)]

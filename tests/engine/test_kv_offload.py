@@ -118,6 +118,25 @@ def test_preempted_sequences_are_swapped_not_recomputed(model, kv_dtype: str) ->
     assert not swap.engine.kv.offload.swapped and swap.engine.kv.offload.usage == 0
 
 
+def test_greedy_with_swaps_and_restores_matches_transformers(tmp_path) -> None:
+    """The outside reference: transformers' greedy generate, against an engine that swaps (a pool
+    too small for the batch) and then, serving the same prompts again, restores their evicted
+    prefix blocks from the tier."""
+    import ember
+    from tests.hf_models import make_hf_model
+
+    hf = make_hf_model("llama-gqa-llama3-rope", tmp_path)
+    prompts = _prompts(128)[1::2]  # the eight that share a 40-token prefix, 3 to 90 tokens long
+    with torch.no_grad():
+        ref = [hf.generate(torch.tensor([p]), max_new_tokens=PARITY_NEW, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    llm = LLM(ember.load_model(tmp_path), kv_offload_gb=0.01, **REGIMES["preemption"])
+    _check_engine(llm, prompts, ref)
+    assert llm.engine.stats().kv_offload.swapped_sequences > 0
+    _check_engine(llm, prompts, ref)
+    assert llm.engine.stats().kv_offload.restored_prefix_blocks > 0
+
+
 def test_a_tier_too_small_for_a_swap_falls_back_to_recompute(model) -> None:
     prompts = _prompts(512)
     expected = _tokens(LLM(model).generate(prompts, SamplingParams(temperature=0, max_tokens=PARITY_NEW,
