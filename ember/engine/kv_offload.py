@@ -45,12 +45,13 @@ class KVOffloadError(EmberError):
     """The offload tier cannot be created (directory missing or read-only, disk full, too small)."""
 
 
-def _mapped_file(directory: str | None, nbytes: int) -> torch.Tensor:
+def _mapped_file(directory: str | os.PathLike | None, nbytes: int) -> torch.Tensor:
     """nbytes of uint8 backed by a reserved, already unlinked file in `directory` (a temp dir if None)."""
     own_dir = directory is None
     if own_dir:
         directory = tempfile.mkdtemp(prefix="ember-kv-offload-")
-    elif not os.path.isdir(directory):
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
         raise KVOffloadError(f"kv_offload_dir {directory!r} is not a directory: create it or pick another")
     try:
         fd, path = tempfile.mkstemp(prefix="ember-kv-offload-", suffix=".bin", dir=directory)
@@ -59,7 +60,10 @@ def _mapped_file(directory: str | None, nbytes: int) -> torch.Tensor:
                              "give a writable --kv-offload-dir") from None
     try:
         try:
-            os.posix_fallocate(fd, 0, nbytes)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:  # macOS: a sparse file, its blocks found when first written
+                os.ftruncate(fd, nbytes)
         except OSError as e:
             raise KVOffloadError(f"cannot reserve {nbytes / GiB:.2f} GiB for the KV offload file in {directory!r} "
                                  f"({e.strerror}): free space there or lower --kv-offload-gb") from None
@@ -75,7 +79,7 @@ class KVOffloadTier:
     """Slots holding copies of pool blocks: an LRU of prefix blocks and pinned swapped sequences."""
 
     def __init__(self, pool: torch.Tensor, initialized: bytearray, num_slots: int,
-                 directory: str | None = None) -> None:
+                 directory: str | os.PathLike | None = None) -> None:
         if num_slots < 1:
             raise KVOffloadError("the KV offload tier is smaller than one KV block: raise kv_offload_gb")
         self.pool = pool  # (layers, 2, num_blocks, Hkv, block_size, D)
@@ -101,7 +105,7 @@ class KVOffloadTier:
 
     @classmethod
     def sized(cls, pool: torch.Tensor, initialized: bytearray, gib: float,
-              directory: str | None = None) -> KVOffloadTier:
+              directory: str | os.PathLike | None = None) -> KVOffloadTier:
         """A tier of `gib` GiB (whole blocks) behind `pool`."""
         block_bytes = pool[:, :, 0].numel() * pool.element_size()
         return cls(pool, initialized, int(gib * GiB // block_bytes), directory)
