@@ -217,7 +217,7 @@ class EmberFront:
                     head.append(await stream.__anext__())  # nothing sent to the client yet: still retryable
             except _RETRYABLE as e:
                 error = e
-                log.warning("replica died before answering; retrying on another: %s", e)
+                log.warning("replica died before answering; retrying on another: %s", _first_line(e))
                 self._retries.inc()
                 stream.cancel()
                 continue
@@ -225,8 +225,12 @@ class EmberFront:
                 error = RuntimeError("the replica ended the response before sending it")
                 continue
             return _Relay(head, stream, self._broken)
-        return JSONResponse(error_body(503, f"no engine replica could take the request: {error}",
+        return JSONResponse(error_body(503, f"no engine replica could take the request: {_first_line(error) if error else ''}",
                                        "replica_unavailable"), 503)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _has_content(message: dict) -> bool:
@@ -253,9 +257,9 @@ class _Relay(Response):
             async for message in self.stream:
                 await send(message)
         except _RETRYABLE as e:
-            log.warning("replica died during a response: %s", e)
+            log.warning("replica died during a response: %s", _first_line(e))
             self.broken.inc()
-            tail = (b"data: " + json.dumps(error_body(502, f"the engine replica serving this stream failed: {e}",
+            tail = (b"data: " + json.dumps(error_body(502, f"the engine replica serving this stream failed: {_first_line(e)}",
                                                       "replica_failed")).encode() + b"\n\n") if sse else b""
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
