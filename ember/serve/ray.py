@@ -225,7 +225,8 @@ class EmberFront:
                 error = RuntimeError("the replica ended the response before sending it")
                 continue
             return _Relay(head, stream, self._broken)
-        return JSONResponse(error_body(503, f"no engine replica could take the request: {_first_line(error) if error else ''}",
+        reason = _first_line(error) if error is not None else "no replica"
+        return JSONResponse(error_body(503, f"no engine replica could take the request: {reason}",
                                        "replica_unavailable"), 503)
 
 
@@ -259,8 +260,9 @@ class _Relay(Response):
         except _RETRYABLE as e:
             log.warning("replica died during a response: %s", _first_line(e))
             self.broken.inc()
-            tail = (b"data: " + json.dumps(error_body(502, f"the engine replica serving this stream failed: {_first_line(e)}",
-                                                      "replica_failed")).encode() + b"\n\n") if sse else b""
+            event = error_body(502, f"the engine replica serving this stream failed: {_first_line(e)}",
+                               "replica_failed")
+            tail = b"data: " + json.dumps(event).encode() + b"\n\n" if sse else b""
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             self.stream.cancel()  # a no-op once finished; otherwise the replica aborts the request

@@ -172,30 +172,45 @@ def test_64_concurrent_streams_no_5xx(fleet):
 
 
 def test_killing_a_replica_mid_load_loses_no_retryable_request(fleet):
+    """Non-streamed requests are all answered (the front retries those the dead replica had not answered);
+    a stream that had sent tokens ends with an OpenAI-style error event, never a hang or a 5xx."""
     info = fleet_info()
     victim, target = next(iter(info.items()))
     retries = metric(fleet, "ember:fleet_request_retries_total")
+    broken = metric(fleet, "ember:fleet_broken_streams_total")
 
-    async def one(c: httpx.AsyncClient, i: int) -> int:
+    async def whole(c: httpx.AsyncClient, i: int) -> int:
         body = {"model": "tiny", "prompt": f"load {i} ", "max_tokens": 400, "ignore_eos": True}
         r = await c.post(fleet + "/v1/completions", json=body)
         assert r.status_code != 200 or json.loads(r.text)["usage"]["completion_tokens"] == 400
         return r.status_code
 
-    async def run() -> list[int]:
+    async def streamed(c: httpx.AsyncClient, i: int) -> tuple[int, str]:
+        body = {"model": "tiny", "prompt": f"stream {i} ", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with c.stream("POST", fleet + "/v1/completions", json=body) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        if lines[-1] == "data: [DONE]":
+            return r.status_code, "done"
+        return r.status_code, json.loads(lines[-1][6:])["error"]["code"]
+
+    async def run() -> tuple[list[int], list[tuple[int, str]]]:
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as c:
-            tasks = [asyncio.create_task(one(c, i)) for i in range(24)]
+            wholes = [asyncio.create_task(whole(c, i)) for i in range(24)]
+            streams = [asyncio.create_task(streamed(c, i)) for i in range(8)]
             # kill the victim once it is generating for some of them (its own metrics say so)
             deadline = time.monotonic() + 60
-            while metric(target["url"].removesuffix("/metrics"), "ember:num_requests_running") < 2:
+            while metric(target["url"].removesuffix("/metrics"), "ember:num_requests_running") < 4:
                 assert time.monotonic() < deadline, "the victim never got requests"
                 await asyncio.sleep(0.05)
             os.kill(target["pid"], signal.SIGKILL)
-            return await asyncio.gather(*tasks)
+            return await asyncio.gather(*wholes), await asyncio.gather(*streams)
 
-    statuses = asyncio.run(run())
+    statuses, stream_ends = asyncio.run(run())
     assert statuses == [200] * 24
-    assert metric(fleet, "ember:fleet_request_retries_total") - retries >= 2
+    assert metric(fleet, "ember:fleet_request_retries_total") - retries >= 1
+    assert all(status == 200 and end in ("done", "replica_failed") for status, end in stream_ends), stream_ends
+    assert metric(fleet, "ember:fleet_broken_streams_total") - broken == sum(e == "replica_failed"
+                                                                             for _, e in stream_ends)
     # Ray restarts the replica: two live replicas again, one of them new
     after = wait_for(lambda: (lambda f: f if len(f) == 2 and victim not in f else None)(fleet_info()), 120,
                      "Ray to replace the killed replica")
