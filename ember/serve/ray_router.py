@@ -12,6 +12,8 @@ unless it has `imbalance_threshold` more requests in flight than the least loade
 without hashes (short prompts, other routes) go to the least loaded replica, as they do when the
 preferred one refuses (it is at max_ongoing_requests): the second rank is every other candidate.
 Queue lengths are Ray's own cache of each replica's ongoing requests (0 when not yet known).
+A choice is recorded when it is made and again once the request is routed (to the replica that
+took it, should the preferred one have refused).
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ class PrefixAffinityRouter(RequestRouter):
             return []
         by_id = {r.replica_id: r for r in candidate_replicas}
         queue_lens = {rid: self._queue_len(r) for rid, r in by_id.items()}
-        chosen = self.affinity.choose(_hashes(pending_request), queue_lens)
+        hashes = _hashes(pending_request)
+        chosen = self.affinity.choose(hashes, queue_lens)
+        if hashes:
+            # recorded now, not only once routed: requests arriving together are chosen for before
+            # any of them is routed, and would otherwise scatter a shared prefix over the replicas
+            self.affinity.record(hashes, chosen)
         rest = sorted((r for rid, r in by_id.items() if rid != chosen), key=self._queue_len)
         return [[by_id[chosen]], rest] if rest else [[by_id[chosen]]]
 
