@@ -114,8 +114,12 @@ class EmberReplica:
         ctx = serve.get_replica_context()
         self.replica = f"{ctx.deployment}#{ctx.replica_id.unique_id}"  # Ray's own name for it in its logs
         node = ray.util.get_node_ip_address()
-        self._metrics = ReplicaMetricsServer(self._app.state.serving.metrics.registry, self.replica, host="0.0.0.0",
-                                             port=cfg.replica_metrics_port, advertise_host=node)
+        # a server bound to loopback keeps its replicas' metrics on loopback too (one machine);
+        # otherwise Prometheus reaches them at the node's address
+        local = cfg.host in ("127.0.0.1", "localhost", "::1")
+        self._metrics = ReplicaMetricsServer(self._app.state.serving.metrics.registry, self.replica,
+                                             host="127.0.0.1" if local else "0.0.0.0",
+                                             port=cfg.replica_metrics_port, advertise_host=None if local else node)
         self._fleet = fleet
         self._node = node
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
@@ -292,7 +296,7 @@ def _replica_config(cfg: ServeConfig) -> ServeConfig:
     """What each replica builds: its torch threads from its CPU share, a GPU when it has one."""
     threads = cfg.threads or max(1, int(cfg.replica_cpus))
     device = cfg.device or ("cuda" if cfg.replica_gpus > 0 else None)
-    return dataclasses.replace(cfg, threads=threads, device=device, log_interval=cfg.log_interval)
+    return dataclasses.replace(cfg, threads=threads, device=device)
 
 
 def build_app(cfg: ServeConfig | dict[str, Any]) -> "serve.Application":
@@ -318,12 +322,13 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> "serve.Application":
         replicas, fleet, cfg.prefix_routing, int(cfg.max_body_mb * 2 ** 20))
 
 
-def start_ray(address: str | None, **init_kwargs: Any) -> None:
+def start_ray(address: str | None, **init_kwargs: Any) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray for this process. A local
     Ray's workers import this very ember (the checkout this process runs), not another installed copy;
-    a cluster's nodes need ember installed (the Dockerfile in deploy/kserve builds such an image)."""
+    a cluster's nodes need ember installed (the Dockerfile in deploy/kserve builds such an image).
+    True when this process started (and so owns) the Ray it runs on."""
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None:
         import ember
@@ -335,12 +340,13 @@ def start_ray(address: str | None, **init_kwargs: Any) -> None:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **init_kwargs)
     except ConnectionError as e:
         raise EmberError(f"--ray-address {address}: no Ray cluster there ({e})") from None
+    return address is None
 
 
 def run_fleet(cfg: ServeConfig) -> None:
     """`ember serve --replicas N`: deploy, serve until SIGTERM / Ctrl-C, then take the application down."""
     app = build_app(cfg)
-    start_ray(cfg.ray_address)
+    own_ray = start_ray(cfg.ray_address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     count = (f"{cfg.replicas} replicas" if cfg.min_replicas is None
@@ -356,6 +362,7 @@ def run_fleet(cfg: ServeConfig) -> None:
         for s, handler in before.items():
             signal.signal(s, handler)
         log.info("shutting down: draining replicas for at most %.0f s", cfg.drain_timeout)
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        serve.delete(APP_NAME)  # on a shared cluster, only ember's application goes
+        if own_ray:
+            serve.shutdown()
         ray.shutdown()

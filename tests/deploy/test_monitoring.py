@@ -57,8 +57,8 @@ def test_dashboard_covers_the_operators_questions():
         for q in ("0.5", "0.95", "0.99"):
             assert f"histogram_quantile({q}, sum by (le) (rate({metric}" in text, (metric, q)
     for needed in ("rate(ember:generation_tokens_total", "ember:num_requests_running", "ember:num_requests_waiting",
-                   "ember:kv_cache_usage_perc", "rate(ember:prefix_cache_hits_total", "rate(ember:request_failure_total",
-                   "sum by (replica)"):
+                   "ember:kv_cache_usage_perc", "rate(ember:prefix_cache_hits_total",
+                   "rate(ember:request_failure_total", "sum by (replica)"):
         assert needed in text, needed
     variables = {v["name"] for v in DASHBOARD["templating"]["list"]}
     assert variables == {"datasource", "model_name", "replica"}
