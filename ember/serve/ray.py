@@ -279,6 +279,7 @@ def replica_options(cfg: ServeConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
         "max_ongoing_requests": cfg.max_num_seqs + cfg.max_queue_len,
         "graceful_shutdown_timeout_s": cfg.drain_timeout,
+        "logging_config": {"enable_access_log": cfg.access_log},  # Ray's access log is the replicas' one
         "request_router_config": {"request_router_class": "ember.serve.ray_router.PrefixAffinityRouter"},
     }
     if cfg.min_replicas is not None:
@@ -318,7 +319,8 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> "serve.Application":
     replicas = serve.deployment(replica_cls, name="EmberReplica", **replica_options(cfg)).bind(
         _replica_config(cfg), fleet)
     return serve.deployment(EmberFront, name="EmberFront", num_replicas=1, max_ongoing_requests=100_000,
-                            ray_actor_options={"num_cpus": 0}).bind(
+                            ray_actor_options={"num_cpus": 0},
+                            logging_config={"enable_access_log": cfg.access_log}).bind(
         replicas, fleet, cfg.prefix_routing, int(cfg.max_body_mb * 2 ** 20))
 
 

@@ -113,6 +113,10 @@ def test_openai_client_whole_and_streamed(fleet, client, tiny_dir):
     with pytest.raises(openai.NotFoundError):  # the replica's own OpenAI-style errors pass through
         client.completions.create(model="other", prompt="x", max_tokens=1)
     assert httpx.get(fleet + "/health", timeout=30).status_code == 200
+    # the front reads bodies whole (it routes by them), so it enforces --max-body-mb itself
+    big = httpx.post(fleet + "/v1/completions", content=b"x" * (16 * 2 ** 20 + 1), timeout=60,
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
 
 
 def test_requests_spread_over_both_replicas_and_metrics_say_so(fleet, client):
