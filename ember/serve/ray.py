@@ -122,19 +122,23 @@ class EmberReplica:
                                              port=cfg.replica_metrics_port, advertise_host=None if local else node)
         self._fleet = fleet
         self._node = node
+        await self._register()  # listed before the application reports ready, then kept fresh
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         log.info("replica %s: engine ready, metrics at %s", self.replica, self._metrics.url)
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app
 
+    async def _register(self) -> None:
+        try:
+            await self._fleet.register.remote(self.replica, self._metrics.url, os.getpid(), self._node)
+        except Exception as e:  # the registry restarting: try again next beat
+            log.warning("replica %s: could not register its metrics address: %s", self.replica, e)
+
     async def _beat(self) -> None:
         while True:
-            try:
-                await self._fleet.register.remote(self.replica, self._metrics.url, os.getpid(), self._node)
-            except Exception as e:  # the registry restarting: try again next beat
-                log.warning("replica %s: could not register its metrics address: %s", self.replica, e)
             await asyncio.sleep(HEARTBEAT_S)
+            await self._register()
 
     async def forward(self, req: RawRequest, prefix_hashes: list[int] | None = None) -> AsyncIterator[dict]:
         """The request through this replica's app; its ASGI messages as they are sent (prefix_hashes is
@@ -349,22 +353,25 @@ def run_fleet(cfg: ServeConfig) -> None:
     """`ember serve --replicas N`: deploy, serve until SIGTERM / Ctrl-C, then take the application down."""
     app = build_app(cfg)
     own_ray = start_ray(cfg.ray_address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    count = (f"{cfg.replicas} replicas" if cfg.min_replicas is None
-             else f"{cfg.min_replicas}..{cfg.max_replicas} replicas (autoscaled)")
-    log.info("serving %s on Ray Serve, %s, on http://%s:%d/v1 (metrics of every replica: /metrics, "
-             "Prometheus targets: /fleet/targets)", cfg.model, count, cfg.host, cfg.port)
+    # ours from here on (deploying included): Ray's own driver handler would abort the process
     stop = threading.Event()
     before = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        count = (f"{cfg.replicas} replica{'s' if cfg.replicas != 1 else ''}" if cfg.min_replicas is None
+                 else f"{cfg.min_replicas}..{cfg.max_replicas} replicas (autoscaled)")
+        log.info("serving %s on Ray Serve, %s, on http://%s:%d/v1 (metrics of every replica: /metrics, "
+                 "Prometheus targets: /fleet/targets)", cfg.model, count, cfg.host, cfg.port)
         while not stop.wait(1.0):
             pass
     finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
         log.info("shutting down: draining replicas for at most %.0f s", cfg.drain_timeout)
-        serve.delete(APP_NAME)  # on a shared cluster, only ember's application goes
-        if own_ray:
-            serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.delete(APP_NAME)  # on a shared cluster, only ember's application goes
+            if own_ray:
+                serve.shutdown()
+            ray.shutdown()
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
