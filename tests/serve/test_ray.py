@@ -126,8 +126,6 @@ def test_requests_spread_over_both_replicas_and_metrics_say_so(fleet, client):
     async def send_all() -> None:
         async with openai.AsyncOpenAI(base_url=fleet + "/v1", api_key="unused", max_retries=0) as c:
             await asyncio.gather(*(c.completions.create(model="tiny", prompt=f"{i} unrelated prompt number {i}",
-                                                        max_tokens=24, ignore_eos=True) if False else
-                                   c.completions.create(model="tiny", prompt=f"{i} unrelated prompt number {i}",
                                                         max_tokens=24, extra_body={"ignore_eos": True})
                                    for i in range(24)))
 
