@@ -54,6 +54,13 @@ class EngineConfig:
     int8_activations: bool = field(default=False, metadata={
         "help": "quantized weights at batch-1 decode: round activations to int8 per 32 values and multiply in "
                 "integers, as llama.cpp does (faster; logits move by ~1e-3 relative), instead of fp32"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "processes (ranks) the model is split across, Megatron-style (ember/parallel); ember spawns "
+                "them, or under torchrun joins the ones started"})
+    enable_expert_parallel: bool = field(default=False, metadata={
+        "help": "MoE models: split whole experts across the tensor-parallel ranks instead of each expert"})
+    distributed_timeout: float = field(default=120.0, metadata={
+        "help": "seconds a parallel collective may wait for a rank before the engine fails"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -70,6 +77,10 @@ class EngineConfig:
              f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
              f"({self.max_num_seqs}) so every running sequence can decode each step")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
+        need(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        need(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
+             "enable_expert_parallel splits experts across tensor-parallel ranks: set tensor_parallel_size > 1")
+        need(self.distributed_timeout > 0, f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 

@@ -127,6 +127,11 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
+        group = None
+        if cfg.tensor_parallel_size > 1:  # rank 0's model becomes its shard (ember/parallel)
+            from ember.parallel.runner import start_parallel
+
+            group = start_parallel(model, cfg)
         mcfg = model.config
         p = next(model.parameters())
         kv_dtype = cfg.cache_dtype(p.dtype)
@@ -138,7 +143,13 @@ class LLMEngine:
                 f"without chunked prefill, max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= "
                 f"max_model_len ({self.max_model_len}) so every prompt fits one step")
         self.kv = KVCacheManager(blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations)
+        if group is None:
+            self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations)
+        else:
+            from ember.parallel.runner import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(group, model, blocks, cfg.block_size, kv_dtype,
+                                              cfg.int8_activations, cfg.distributed_timeout)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
         self.eos_token_ids = stop_token_ids(mcfg, tokenizer.eos_token_id if tokenizer else None)
         decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
@@ -213,6 +224,12 @@ class LLMEngine:
         group.aborted = True
         self.num_requests_finished += 1
         return group.output()
+
+    def close(self) -> None:
+        """Release what outlives the engine object: a parallel engine's worker ranks."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def has_unfinished(self) -> bool:
         return bool(self.groups)

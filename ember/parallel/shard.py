@@ -1,0 +1,199 @@
+"""Cut one rank's tensor-parallel shard out of a loaded Transformer, in place (Megatron's splits).
+
+    attention   q/k/v by columns: rank r owns query heads [r H/W, (r+1) H/W) and their KV heads
+                (fewer KV heads than ranks: each rank holds a copy of the one its queries read, as
+                vLLM does), so its KV pool holds only those; o_proj by rows (its input columns),
+                then one all-reduce
+    MLP         gate/up by columns, down by rows, one all-reduce (Falcon's up/down the same)
+    MoE         every expert split as an MLP, one all-reduce of the layer's sum; or with expert
+                parallel, whole experts per rank (ExpertParallelMoE), the same one all-reduce
+    vocabulary  the embedding's and the LM head's rows split (a tied head stays tied); lookups
+                all-reduced, logits gathered
+
+Weights are cut by whole output rows, or by input columns. Packed quantized weights (GGUF
+Q8_0/Q4_0/Q4_1 blocks, INT8 rows) cut the same way, an input-column cut only on 32-weight block
+boundaries; LoRA wrappers cut their base and the matching side of A or B. Anything else is refused
+with one line naming the layer. A row-parallel bias is kept by rank 0 alone (added once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from ember.model.transformer import MoE, Transformer
+from ember.parallel.group import ParallelError
+from ember.parallel.layers import ExpertParallelMoE, VocabParallelEmbedding, add_all_reduce, add_logits_gather
+
+GGUF_BLOCK = 32  # weights per GGUF block (and per INT8 kernel block)
+
+
+def even_part(n: int, world: int, rank: int, what: str) -> tuple[int, int]:
+    """[lo, hi) of rank's equal share of n things; refuses when n does not divide."""
+    if n % world:
+        raise ParallelError(f"tensor parallel size {world} must divide {what} ({n}): pick a size that does")
+    size = n // world
+    return rank * size, (rank + 1) * size
+
+
+def vocab_sizes(vocab: int, world: int) -> list[int]:
+    """Each rank's number of vocabulary rows: equal shares, the last rank taking what is left."""
+    per = -(-vocab // world)
+    sizes = [max(0, min(per, vocab - r * per)) for r in range(world)]
+    if min(sizes) == 0:
+        raise ParallelError(f"a vocabulary of {vocab} cannot be split over {world} ranks")
+    return sizes
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.contiguous().clone(), requires_grad=False)
+
+
+def slice_linear(module: nn.Module, lo: int, hi: int, dim: int, name: str) -> None:
+    """Keep output rows (dim 0) or input columns (dim 1) [lo, hi) of a linear layer, in place."""
+    from ember.adapters.lora import LoRALinear
+    from ember.quant.gguf_linear import GGUF_BLOCK_BYTES, GGUFLinear
+    from ember.quant.linear import Int8Linear
+
+    n = hi - lo
+    if isinstance(module, LoRALinear):
+        slice_linear(module.base_layer, lo, hi, dim, name)
+        side = module.lora_B if dim == 0 else module.lora_A
+        side.weight = _param(side.weight[lo:hi] if dim == 0 else side.weight[:, lo:hi])
+        if dim == 0:
+            module.out_features = side.out_features = n
+        else:
+            module.in_features = side.in_features = n
+        return
+    if isinstance(module, nn.Linear):
+        w = module.weight
+        module.weight = _param(w[lo:hi] if dim == 0 else w[:, lo:hi])
+        if dim == 0 and module.bias is not None:
+            module.bias = _param(module.bias[lo:hi])
+    elif isinstance(module, GGUFLinear):
+        if dim == 1:
+            if lo % GGUF_BLOCK or hi % GGUF_BLOCK:
+                raise ParallelError(f"{name}: its {module.ggml_type} blocks hold {GGUF_BLOCK} inputs each, and a "
+                                    f"split at columns {lo}..{hi} would cut blocks: pick a tensor parallel size "
+                                    f"that gives each rank a multiple of {GGUF_BLOCK} of its {module.in_features} inputs")
+            b = GGUF_BLOCK_BYTES[module.ggml_type]
+            module.blocks = module.blocks[:, lo // GGUF_BLOCK * b:hi // GGUF_BLOCK * b].contiguous()
+        else:
+            module.blocks = module.blocks[lo:hi].contiguous()
+            if module.bias is not None:
+                module.bias = _param(module.bias[lo:hi])
+    elif isinstance(module, Int8Linear):  # one scale per output row: rows and columns both cut freely
+        module.weight = (module.weight[lo:hi] if dim == 0 else module.weight[:, lo:hi]).contiguous()
+        if dim == 0:
+            module.SCB = module.SCB[lo:hi].contiguous()
+            if module.bias is not None:
+                module.bias = _param(module.bias[lo:hi])
+        module._unit_scale = None
+    else:
+        raise ParallelError(f"{name}: tensor parallel splits nn.Linear, GGUF Q8_0/Q4_0/Q4_1, INT8 and LoRA "
+                            f"layers, not {type(module).__name__}; dequantize the model (keep_quantized=False)")
+    if dim == 0:
+        module.out_features = n
+    else:
+        module.in_features = n
+
+
+def row_parallel(module: nn.Module, lo: int, hi: int, rank: int, name: str) -> None:
+    """Keep input columns [lo, hi), the bias on rank 0 only, and sum the output over the ranks."""
+    slice_linear(module, lo, hi, 1, name)
+    if rank:
+        base = getattr(module, "base_layer", module)
+        if getattr(base, "bias", None) is not None:
+            base.bias = None
+    add_all_reduce(module)
+
+
+def kv_heads_of(rank: int, world: int, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+    """[lo, hi) of the KV heads rank's query heads read (one replicated head when Hkv < world)."""
+    if num_kv_heads >= world:
+        return even_part(num_kv_heads, world, rank, "the number of KV heads")
+    if world % num_kv_heads:
+        raise ParallelError(f"with {num_kv_heads} KV heads, the tensor parallel size ({world}) must be a "
+                            "multiple or a divisor of it")
+    h = rank * num_kv_heads // world
+    return h, h + 1
+
+
+def shard_model(model: Transformer, rank: int, world: int, expert_parallel: bool = False) -> None:
+    """Turn `model` into rank's shard (module docstring), in place."""
+    cfg = model.config
+    hd = cfg.d_head
+    q_lo, q_hi = even_part(cfg.num_heads, world, rank, "the number of attention heads")
+    kv_lo, kv_hi = kv_heads_of(rank, world, cfg.num_heads, cfg.n_kv_heads)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            at = f"model.layers.{i}"
+            attn = layer.self_attn
+            slice_linear(attn.q_proj, q_lo * hd, q_hi * hd, 0, f"{at}.self_attn.q_proj")
+            for proj in ("k_proj", "v_proj"):
+                slice_linear(getattr(attn, proj), kv_lo * hd, kv_hi * hd, 0, f"{at}.self_attn.{proj}")
+            row_parallel(attn.o_proj, q_lo * hd, q_hi * hd, rank, f"{at}.self_attn.o_proj")
+            attn.spec = dataclasses.replace(attn.spec, num_heads=q_hi - q_lo, num_kv_heads=kv_hi - kv_lo)
+            attn.fused_qkv = None
+            moe = layer._modules.get("block_sparse_moe")
+            if moe is not None:
+                _shard_moe(moe, rank, world, expert_parallel, f"{at}.block_sparse_moe")
+                continue
+            mlp = layer.mlp
+            lo, hi = even_part(mlp.down_proj.in_features, world, rank, "the MLP's intermediate size")
+            for proj in ("gate_proj", "up_proj"):
+                if proj in mlp._modules:
+                    slice_linear(mlp._modules[proj], lo, hi, 0, f"{at}.mlp.{proj}")
+            row_parallel(mlp.down_proj, lo, hi, rank, f"{at}.mlp.down_proj")
+            if hasattr(mlp, "fused_gate_up"):
+                mlp.fused_gate_up = None
+        _shard_vocab(model, rank, world)
+    model.config = cfg.replace(num_heads=q_hi - q_lo, num_kv_heads=kv_hi - kv_lo, head_dim=hd)
+
+
+def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str) -> None:
+    if expert_parallel:
+        lo, hi = even_part(len(moe.experts), world, rank, "the number of experts")
+        for e in range(len(moe.experts)):
+            if not lo <= e < hi:
+                moe.experts[e] = nn.Identity()  # another rank's expert: its weights are freed here
+        moe.__class__ = ExpertParallelMoE
+        moe.local_experts = frozenset(range(lo, hi))
+    else:
+        for e, expert in enumerate(moe.experts):
+            lo, hi = even_part(expert.w2.in_features, world, rank, "the experts' intermediate size")
+            slice_linear(expert.w1, lo, hi, 0, f"{name}.experts.{e}.w1")
+            slice_linear(expert.w3, lo, hi, 0, f"{name}.experts.{e}.w3")
+            slice_linear(expert.w2, lo, hi, 1, f"{name}.experts.{e}.w2")
+    add_all_reduce(moe)
+
+
+def _shard_vocab(model: Transformer, rank: int, world: int) -> None:
+    from ember.quant.gguf_embedding import GGUFEmbedding
+
+    emb, head = model.model.embed_tokens, model.lm_head
+    vocab = model.config.vocab_size
+    sizes = vocab_sizes(vocab, world)
+    lo = sum(sizes[:rank])
+    hi = lo + sizes[rank]
+    if isinstance(emb, nn.Embedding):
+        tied = getattr(head, "weight", None) is emb.weight
+        inner: nn.Module = nn.Embedding(hi - lo, emb.embedding_dim, _weight=emb.weight[lo:hi].clone(),
+                                        _freeze=True)
+        if tied:
+            head.weight = inner.weight
+    elif isinstance(emb, GGUFEmbedding):
+        tied = getattr(head, "blocks", None) is emb.blocks
+        inner = GGUFEmbedding(emb.blocks[lo:hi].contiguous(), emb.ggml_type, (hi - lo, emb.embedding_dim), emb.dtype)
+        if tied:
+            head = model.lm_head = inner.tied_head()
+    else:
+        raise ParallelError(f"tensor parallel splits an nn.Embedding or GGUF embedding, not {type(emb).__name__}")
+    if not tied:
+        slice_linear(head, lo, hi, 0, "lm_head")
+    else:
+        head.out_features = hi - lo
+    model.model.embed_tokens = VocabParallelEmbedding(inner, lo, hi, vocab)
+    add_logits_gather(head, sizes)
