@@ -57,6 +57,9 @@ class EngineConfig:
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "processes (ranks) the model is split across, Megatron-style (ember/parallel); ember spawns "
                 "them, or under torchrun joins the ones started"})
+    pipeline_parallel_size: int = field(default=1, metadata={
+        "help": "pipeline stages (contiguous layer ranges, each on tensor_parallel_size ranks); micro-batches "
+                "of each step keep the stages busy together"})
     enable_expert_parallel: bool = field(default=False, metadata={
         "help": "MoE models: split whole experts across the tensor-parallel ranks instead of each expert"})
     distributed_timeout: float = field(default=120.0, metadata={
@@ -78,11 +81,17 @@ class EngineConfig:
              f"({self.max_num_seqs}) so every running sequence can decode each step")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
         need(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        need(self.pipeline_parallel_size >= 1, f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
         need(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
              "enable_expert_parallel splits experts across tensor-parallel ranks: set tensor_parallel_size > 1")
         need(self.distributed_timeout > 0, f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the engine: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV pool's element type for a model computing in `model_dtype`."""

@@ -128,7 +128,7 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         group = None
-        if cfg.tensor_parallel_size > 1:  # rank 0's model becomes its shard (ember/parallel)
+        if cfg.world_size > 1:  # rank 0's model becomes its shard (ember/parallel)
             from ember.parallel.runner import start_parallel
 
             group = start_parallel(model, cfg)

@@ -122,13 +122,10 @@ class ModelRunner:
         """The step's forward on this runner's model and pool: fp32 logits (len(step.rows), vocab),
         or None when no row needs them. Every rank of a parallel engine runs this with the same
         step (ember/parallel/runner.py)."""
-        for src, dst in step.block_copies:  # copy-on-write of blocks shared by a fork
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        self.prepare(step)
         input_ids = torch.tensor([step.ids], device=self.device)
         positions = torch.tensor([step.pos], device=self.device)
         meta = AttnMetadata.build(self.kv_cache, self.block_size, step.seqs, self.workspace)
-        if step.fresh:
-            self.kv_cache[:, :, torch.tensor(step.fresh, device=self.device)] = 0
         h = self.stack.hidden(input_ids, positions, meta)  # decode-only steps, when it can: one native call
         if h is None:
             h, _ = self.model.hidden(input_ids, positions, meta)
@@ -139,3 +136,11 @@ class ModelRunner:
         if rows != list(range(h.shape[0])):  # (a decode-only step samples every row, in order)
             h = h[torch.tensor(rows, device=self.device)]
         return self.model.logits(h).float()
+
+    def prepare(self, step: StepInputs) -> None:
+        """The step's block-pool changes before any layer writes: copies of forked blocks, and
+        zeros in blocks used for the first time."""
+        for src, dst in step.block_copies:  # copy-on-write of blocks shared by a fork
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        if step.fresh:
+            self.kv_cache[:, :, torch.tensor(step.fresh, device=self.device)] = 0

@@ -31,18 +31,47 @@ class ParallelError(EmberError):
 
 @dataclass
 class ParallelGroup:
-    """Where this process sits in a parallel engine."""
+    """Where this process sits in a parallel engine: rank = stage * tp + tp_rank, so the ranks
+    of one pipeline stage form one tensor-parallel group, and rank 0 leads stage 0."""
 
     rank: int
     world: int
     device: torch.device
     procs: list[mp.Process] = field(default_factory=list)  # workers this process spawned
+    tp: int = 0  # tensor-parallel size (0: the whole world)
+    tp_group: dist.ProcessGroup | None = None  # this stage's ranks (None: the whole world)
+
+    @property
+    def pp(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp
+
+    def stage_rank(self, stage: int) -> int:
+        """The rank holding this rank's tensor-parallel slice in `stage`."""
+        return stage * self.tp + self.tp_rank
+
+    def form_stages(self, tp: int) -> None:
+        """Make one tensor-parallel group per pipeline stage (every rank calls this, in order)."""
+        self.tp = tp
+        if tp == self.world:
+            return
+        for stage in range(self.world // tp):
+            g = dist.new_group(list(range(stage * tp, (stage + 1) * tp)))
+            if stage == self.stage:
+                self.tp_group = g
 
     def dead_worker(self) -> str | None:
         """A line naming the first spawned worker that has exited, if one has."""
         for rank, p in enumerate(self.procs, start=1):
             if p.exitcode is not None:
-                return f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+                return f"parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
         return None
 
     def close(self, wait_s: float = 10.0) -> None:
@@ -92,7 +121,7 @@ def join_or_spawn(world: int, device: torch.device, timeout_s: float,
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(r, world, init_method, timeout_s, *worker_args), daemon=True,
-                         name=f"ember-tp-rank{r}") for r in range(1, world)]
+                         name=f"ember-rank{r}") for r in range(1, world)]
     for p in procs:
         p.start()
     group = ParallelGroup(0, world, device, procs)

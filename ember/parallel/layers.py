@@ -20,43 +20,49 @@ import torch.nn.functional as F
 from ember.model.transformer import MoE
 
 
-def _all_reduce_output(module: nn.Module, args: object, out: object) -> object:
-    y = out[0] if isinstance(out, tuple) else out
-    dist.all_reduce(y)
-    return out
+class _AllReduce:
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+
+    def __call__(self, module: nn.Module, args: object, out: object) -> object:
+        dist.all_reduce(out[0] if isinstance(out, tuple) else out, group=self.group)
+        return out
 
 
-def add_all_reduce(module: nn.Module) -> None:
-    """Sum `module`'s output (or the first element of a tuple output) over the ranks."""
-    module.register_forward_hook(_all_reduce_output)
+def add_all_reduce(module: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Sum `module`'s output (or the first element of a tuple output) over the tensor-parallel
+    ranks of `group` (None: the whole world)."""
+    module.register_forward_hook(_AllReduce(group))
 
 
 class _LogitsGather:
     """Concatenate each rank's vocab slice of the logits; slices may be unequal (V not divisible),
     so each is padded to the largest before the all-gather and trimmed after."""
 
-    def __init__(self, sizes: list[int]) -> None:
-        self.sizes = sizes
+    def __init__(self, sizes: list[int], group: dist.ProcessGroup | None) -> None:
+        self.sizes, self.group = sizes, group
 
     def __call__(self, module: nn.Module, args: object, y: torch.Tensor) -> torch.Tensor:
         width = max(self.sizes)
         local = y if y.shape[-1] == width else F.pad(y, (0, width - y.shape[-1]))
         parts = [torch.empty_like(local) for _ in self.sizes]
-        dist.all_gather(parts, local.contiguous())
+        dist.all_gather(parts, local.contiguous(), group=self.group)
         return torch.cat([p[..., :n] for p, n in zip(parts, self.sizes)], dim=-1)
 
 
-def add_logits_gather(head: nn.Module, sizes: list[int]) -> None:
-    """Make a vocab-parallel LM head return the whole vocabulary's logits on every rank."""
-    head.register_forward_hook(_LogitsGather(sizes))
+def add_logits_gather(head: nn.Module, sizes: list[int], group: dist.ProcessGroup | None) -> None:
+    """Make a vocab-parallel LM head return the whole vocabulary's logits on every rank of `group`."""
+    head.register_forward_hook(_LogitsGather(sizes, group))
 
 
 class VocabParallelEmbedding(nn.Module):
     """An embedding of which this rank holds rows [lo, hi): it looks up the ids it owns, zeros
     the others, and the all-reduce fills every row from the rank that owns it."""
 
-    def __init__(self, inner: nn.Module, lo: int, hi: int, num_embeddings: int) -> None:
+    def __init__(self, inner: nn.Module, lo: int, hi: int, num_embeddings: int,
+                 group: dist.ProcessGroup | None) -> None:
         super().__init__()
+        self.group = group
         self.inner = inner  # nn.Embedding or GGUFEmbedding over rows lo..hi-1
         self.lo, self.hi, self.num_embeddings = lo, hi, num_embeddings
 
@@ -65,7 +71,7 @@ class VocabParallelEmbedding(nn.Module):
         local = torch.where(own, input_ids - self.lo, torch.zeros_like(input_ids))
         y = self.inner(local)
         y = y * own.unsqueeze(-1).to(y.dtype)
-        dist.all_reduce(y)
+        dist.all_reduce(y, group=self.group)
         return y
 
     def extra_repr(self) -> str:

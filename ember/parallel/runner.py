@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 from ember.engine.config import EngineConfig
-from ember.engine.model_runner import ModelRunner, StepInputs
+from ember.engine.model_runner import StepInputs
 from ember.model.transformer import Transformer
 from ember.parallel.group import ParallelError, ParallelGroup, join_or_spawn
+from ember.parallel.pipeline import StageRunner
 from ember.parallel.shard import shard_model
 
 log = logging.getLogger("ember.parallel")
@@ -56,11 +57,12 @@ def start_parallel(model: Transformer, cfg: EngineConfig) -> ParallelGroup:
     """Form the group and turn rank 0's `model` into its shard. Under torchrun, a rank other than
     0 serves rank 0's steps here and exits the process when rank 0 closes (SystemExit)."""
     device = next(model.parameters()).device
-    group = join_or_spawn(cfg.tensor_parallel_size, device, cfg.distributed_timeout, worker_main,
+    group = join_or_spawn(cfg.world_size, device, cfg.distributed_timeout, worker_main,
                           (model, cfg, torch.get_num_threads()))
     if group.rank != 0:
-        raise SystemExit(serve_steps(model, group.rank, group.world, cfg))
-    shard_model(model, 0, group.world, cfg.enable_expert_parallel)
+        raise SystemExit(serve_steps(model, group, cfg))
+    group.form_stages(cfg.tensor_parallel_size)
+    shard_model(model, group, cfg.enable_expert_parallel)
     return group
 
 
@@ -77,18 +79,24 @@ def worker_main(rank: int, world: int, init_method: str, timeout_s: float, model
     from ember.parallel.group import backend_for
 
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        model.to(device)
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
-    sys.exit(serve_steps(model, rank, world, cfg))
+    sys.exit(serve_steps(model, ParallelGroup(rank, world, device), cfg))
 
 
-def serve_steps(model: Transformer, rank: int, world: int, cfg: EngineConfig) -> int:
+def serve_steps(model: Transformer, group: ParallelGroup, cfg: EngineConfig) -> int:
     """A worker rank's life: shard, build the runner rank 0 describes, run its steps until told
     to stop (0) or until rank 0 is gone (1)."""
+    rank = group.rank
     try:
-        shard_model(model, rank, world, cfg.enable_expert_parallel)
+        group.form_stages(cfg.tensor_parallel_size)
+        shard_model(model, group, cfg.enable_expert_parallel)
         num_blocks, block_size, kv_dtype, int8_activations = _recv()
-        runner = ModelRunner(model, num_blocks, block_size, kv_dtype, int8_activations)
+        runner = StageRunner(group, model, num_blocks, block_size, kv_dtype, int8_activations)
         while True:
             step = _recv()
             if step is None:
@@ -96,10 +104,10 @@ def serve_steps(model: Transformer, rank: int, world: int, cfg: EngineConfig) ->
             if step != PING:
                 runner.run(step)
     except ParallelError as e:  # a shape this rank cannot split: rank 0 refuses the same
-        log.error("tensor-parallel rank %d: %s", rank, e)
+        log.error("parallel rank %d: %s", rank, e)
         return 1
     except (RuntimeError, ConnectionError) as e:
-        log.error("tensor-parallel rank %d: rank 0 is gone or stopped answering (%s); exiting",
+        log.error("parallel rank %d: rank 0 is gone or stopped answering (%s); exiting",
                   rank, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 1
     finally:
@@ -107,13 +115,12 @@ def serve_steps(model: Transformer, rank: int, world: int, cfg: EngineConfig) ->
             dist.destroy_process_group()
 
 
-class ParallelModelRunner(ModelRunner):
+class ParallelModelRunner(StageRunner):
     """Rank 0's ModelRunner: every step is broadcast, then run here as on every rank."""
 
     def __init__(self, group: ParallelGroup, model: Transformer, num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype | None, int8_activations: bool, timeout_s: float) -> None:
-        super().__init__(model, num_blocks, block_size, kv_dtype, int8_activations)
-        self.group = group
+        super().__init__(group, model, num_blocks, block_size, kv_dtype, int8_activations)
         self.lock = threading.Lock()  # one collective sequence at a time: a step, or a ping
         self.failed: str | None = None
         self.on_failure: Callable[[str], None] | None = None

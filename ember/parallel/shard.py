@@ -23,8 +23,11 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from torch.distributed import ProcessGroup
+
+from ember.config import ModelConfig
 from ember.model.transformer import MoE, Transformer
-from ember.parallel.group import ParallelError
+from ember.parallel.group import ParallelError, ParallelGroup
 from ember.parallel.layers import ExpertParallelMoE, VocabParallelEmbedding, add_all_reduce, add_logits_gather
 
 GGUF_BLOCK = 32  # weights per GGUF block (and per INT8 kernel block)
@@ -100,14 +103,14 @@ def slice_linear(module: nn.Module, lo: int, hi: int, dim: int, name: str) -> No
         module.in_features = n
 
 
-def row_parallel(module: nn.Module, lo: int, hi: int, rank: int, name: str) -> None:
+def row_parallel(module: nn.Module, lo: int, hi: int, rank: int, name: str, group: ProcessGroup | None) -> None:
     """Keep input columns [lo, hi), the bias on rank 0 only, and sum the output over the ranks."""
     slice_linear(module, lo, hi, 1, name)
     if rank:
         base = getattr(module, "base_layer", module)
         if getattr(base, "bias", None) is not None:
             base.bias = None
-    add_all_reduce(module)
+    add_all_reduce(module, group)
 
 
 def kv_heads_of(rank: int, world: int, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
@@ -121,39 +124,69 @@ def kv_heads_of(rank: int, world: int, num_heads: int, num_kv_heads: int) -> tup
     return h, h + 1
 
 
-def shard_model(model: Transformer, rank: int, world: int, expert_parallel: bool = False) -> None:
-    """Turn `model` into rank's shard (module docstring), in place."""
+def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
+    """[lo, hi) of the layers pipeline stage `stage` runs: contiguous, sizes differing by one at most."""
+    if num_layers < pp:
+        raise ParallelError(f"pipeline parallel size {pp} exceeds the model's {num_layers} layers")
+    base, extra = divmod(num_layers, pp)
+    lo = stage * base + min(stage, extra)
+    return lo, lo + base + (1 if stage < extra else 0)
+
+
+def shard_model(model: Transformer, group: ParallelGroup, expert_parallel: bool = False) -> None:
+    """Turn `model` into this rank's shard (module docstring), in place: its pipeline stage's
+    layers (renumbered from 0, so its KV pool holds only them), split across the stage's ranks."""
     cfg = model.config
+    lo, hi = stage_layers(cfg.num_layers, group.pp, group.stage)
+    first, last = group.stage == 0, group.stage == group.pp - 1
+    if group.pp > 1:
+        layers = list(model.model.layers)[lo:hi]
+        for i, layer in enumerate(layers):
+            layer.self_attn.spec = dataclasses.replace(layer.self_attn.spec, layer_idx=i)
+        model.model.layers = nn.ModuleList(layers)
+        if not first:
+            model.model.embed_tokens = nn.Identity()  # a later stage receives hidden states
+        if not last:
+            model.lm_head = nn.Identity()
+        cfg = cfg.replace(num_layers=hi - lo, layer_types=cfg.layer_types[lo:hi])
+    if group.tp > 1:
+        cfg = _split_tensors(model, cfg, group.tp_rank, group.tp, group.tp_group, expert_parallel, lo, first, last)
+    model.config = cfg
+
+
+def _split_tensors(model: Transformer, cfg: ModelConfig, rank: int, world: int, pg: ProcessGroup | None,
+                   expert_parallel: bool, first_layer: int, first: bool, last: bool) -> ModelConfig:
     hd = cfg.d_head
     q_lo, q_hi = even_part(cfg.num_heads, world, rank, "the number of attention heads")
     kv_lo, kv_hi = kv_heads_of(rank, world, cfg.num_heads, cfg.n_kv_heads)
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
-            at = f"model.layers.{i}"
+            at = f"model.layers.{first_layer + i}"
             attn = layer.self_attn
             slice_linear(attn.q_proj, q_lo * hd, q_hi * hd, 0, f"{at}.self_attn.q_proj")
             for proj in ("k_proj", "v_proj"):
                 slice_linear(getattr(attn, proj), kv_lo * hd, kv_hi * hd, 0, f"{at}.self_attn.{proj}")
-            row_parallel(attn.o_proj, q_lo * hd, q_hi * hd, rank, f"{at}.self_attn.o_proj")
-            attn.spec = dataclasses.replace(attn.spec, num_heads=q_hi - q_lo, num_kv_heads=kv_hi - kv_lo)
+            row_parallel(attn.o_proj, q_lo * hd, q_hi * hd, rank, f"{at}.self_attn.o_proj", pg)
+            attn.spec = dataclasses.replace(attn.spec, num_heads=q_hi - q_lo, num_kv_heads=kv_hi - kv_lo,
+                                            head_offset=q_lo, total_heads=cfg.num_heads)
             attn.fused_qkv = None
             moe = layer._modules.get("block_sparse_moe")
             if moe is not None:
-                _shard_moe(moe, rank, world, expert_parallel, f"{at}.block_sparse_moe")
+                _shard_moe(moe, rank, world, expert_parallel, f"{at}.block_sparse_moe", pg)
                 continue
             mlp = layer.mlp
             lo, hi = even_part(mlp.down_proj.in_features, world, rank, "the MLP's intermediate size")
             for proj in ("gate_proj", "up_proj"):
                 if proj in mlp._modules:
                     slice_linear(mlp._modules[proj], lo, hi, 0, f"{at}.mlp.{proj}")
-            row_parallel(mlp.down_proj, lo, hi, rank, f"{at}.mlp.down_proj")
+            row_parallel(mlp.down_proj, lo, hi, rank, f"{at}.mlp.down_proj", pg)
             if hasattr(mlp, "fused_gate_up"):
                 mlp.fused_gate_up = None
-        _shard_vocab(model, rank, world)
-    model.config = cfg.replace(num_heads=q_hi - q_lo, num_kv_heads=kv_hi - kv_lo, head_dim=hd)
+        _shard_vocab(model, rank, world, pg, first, last)
+    return cfg.replace(num_heads=q_hi - q_lo, num_kv_heads=kv_hi - kv_lo, head_dim=hd)
 
 
-def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str) -> None:
+def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str, pg: ProcessGroup | None) -> None:
     if expert_parallel:
         lo, hi = even_part(len(moe.experts), world, rank, "the number of experts")
         for e in range(len(moe.experts)):
@@ -167,10 +200,11 @@ def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str
             slice_linear(expert.w1, lo, hi, 0, f"{name}.experts.{e}.w1")
             slice_linear(expert.w3, lo, hi, 0, f"{name}.experts.{e}.w3")
             slice_linear(expert.w2, lo, hi, 1, f"{name}.experts.{e}.w2")
-    add_all_reduce(moe)
+    add_all_reduce(moe, pg)
 
 
-def _shard_vocab(model: Transformer, rank: int, world: int) -> None:
+def _shard_vocab(model: Transformer, rank: int, world: int, pg: ProcessGroup | None, first: bool, last: bool) -> None:
+    """Split the embedding (first stage) and the LM head (last stage) by vocabulary rows."""
     from ember.quant.gguf_embedding import GGUFEmbedding
 
     emb, head = model.model.embed_tokens, model.lm_head
@@ -178,22 +212,27 @@ def _shard_vocab(model: Transformer, rank: int, world: int) -> None:
     sizes = vocab_sizes(vocab, world)
     lo = sum(sizes[:rank])
     hi = lo + sizes[rank]
-    if isinstance(emb, nn.Embedding):
-        tied = getattr(head, "weight", None) is emb.weight
-        inner: nn.Module = nn.Embedding(hi - lo, emb.embedding_dim, _weight=emb.weight[lo:hi].clone(),
-                                        _freeze=True)
-        if tied:
-            head.weight = inner.weight
-    elif isinstance(emb, GGUFEmbedding):
-        tied = getattr(head, "blocks", None) is emb.blocks
-        inner = GGUFEmbedding(emb.blocks[lo:hi].contiguous(), emb.ggml_type, (hi - lo, emb.embedding_dim), emb.dtype)
-        if tied:
-            head = model.lm_head = inner.tied_head()
-    else:
-        raise ParallelError(f"tensor parallel splits an nn.Embedding or GGUF embedding, not {type(emb).__name__}")
-    if not tied:
-        slice_linear(head, lo, hi, 0, "lm_head")
-    else:
+    tied = False
+    if first:
+        if isinstance(emb, nn.Embedding):
+            tied = getattr(head, "weight", None) is emb.weight
+            inner: nn.Module = nn.Embedding(hi - lo, emb.embedding_dim, _weight=emb.weight[lo:hi].clone(),
+                                            _freeze=True)
+            if tied:
+                head.weight = inner.weight
+        elif isinstance(emb, GGUFEmbedding):
+            tied = getattr(head, "blocks", None) is emb.blocks
+            inner = GGUFEmbedding(emb.blocks[lo:hi].contiguous(), emb.ggml_type, (hi - lo, emb.embedding_dim),
+                                  emb.dtype)
+            if tied:
+                head = model.lm_head = inner.tied_head()
+        else:
+            raise ParallelError(f"tensor parallel splits an nn.Embedding or GGUF embedding, not {type(emb).__name__}")
+        model.model.embed_tokens = VocabParallelEmbedding(inner, lo, hi, vocab, pg)
+    if not last:
+        return
+    if tied:
         head.out_features = hi - lo
-    model.model.embed_tokens = VocabParallelEmbedding(inner, lo, hi, vocab)
-    add_logits_gather(head, sizes)
+    else:
+        slice_linear(head, lo, hi, 0, "lm_head")
+    add_logits_gather(head, sizes, pg)
