@@ -59,7 +59,9 @@ def start_parallel(model: Transformer, cfg: EngineConfig) -> ParallelGroup:
     device = next(model.parameters()).device
     group = join_or_spawn(cfg.world_size, device, cfg.distributed_timeout, worker_main,
                           (model, cfg, torch.get_num_threads()))
-    if group.rank != 0:
+    if group.rank != 0:  # a torchrun rank: it serves rank 0, whose SIGTERM drains and then stops it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(serve_steps(model, group, cfg))
     group.form_stages(cfg.tensor_parallel_size)
     shard_model(model, group, cfg.enable_expert_parallel)
@@ -125,7 +127,7 @@ class ParallelModelRunner(StageRunner):
         self.failed: str | None = None
         self.on_failure: Callable[[str], None] | None = None
         self.last_sent = time.monotonic()
-        self.interval = max(timeout_s / 4, 0.05)
+        self.interval = min(max(timeout_s / 4, 0.05), 1.0)  # pings and liveness checks while idle
         self._stop = threading.Event()
         with self.lock:
             self._broadcast((num_blocks, block_size, kv_dtype, int8_activations))

@@ -1,10 +1,13 @@
 """Cut one rank's tensor-parallel shard out of a loaded Transformer, in place (Megatron's splits).
 
-    attention   q/k/v by columns: rank r owns query heads [r H/W, (r+1) H/W) and their KV heads
-                (fewer KV heads than ranks: each rank holds a copy of the one its queries read, as
-                vLLM does), so its KV pool holds only those; o_proj by rows (its input columns),
-                then one all-reduce
+    attention   q/k/v by columns: each rank owns whole GQA groups (KV heads and the query heads
+                reading them; 3 KV heads over 2 ranks: 2 and 1, as SmolLM2's 9/3 heads need), so
+                its KV pool holds only its heads (fewer KV heads than ranks: the query heads are
+                split, and each rank holds a copy of the KV head its queries read, as vLLM does);
+                o_proj by rows (its input columns), then one all-reduce
     MLP         gate/up by columns, down by rows, one all-reduce (Falcon's up/down the same)
+    pipeline    with pipeline parallel, first this stage's contiguous layers (renumbered from 0),
+                the embedding only on the first stage, the LM head only on the last
     MoE         every expert split as an MLP, one all-reduce of the layer's sum; or with expert
                 parallel, whole experts per rank (ExpertParallelMoE), the same one all-reduce
     vocabulary  the embedding's and the LM head's rows split (a tied head stays tied); lookups
@@ -33,21 +36,19 @@ from ember.parallel.layers import ExpertParallelMoE, VocabParallelEmbedding, add
 GGUF_BLOCK = 32  # weights per GGUF block (and per INT8 kernel block)
 
 
-def even_part(n: int, world: int, rank: int, what: str) -> tuple[int, int]:
-    """[lo, hi) of rank's equal share of n things; refuses when n does not divide."""
-    if n % world:
-        raise ParallelError(f"tensor parallel size {world} must divide {what} ({n}): pick a size that does")
-    size = n // world
-    return rank * size, (rank + 1) * size
+def part(n: int, world: int, rank: int, what: str) -> tuple[int, int]:
+    """[lo, hi) of rank's share of n things: contiguous, shares differing by one at most (9 heads
+    over 2 ranks: 5 and 4), none empty."""
+    if n < world:
+        raise ParallelError(f"{what} ({n}) cannot be split over {world} ranks: use at most {n}")
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def vocab_sizes(vocab: int, world: int) -> list[int]:
-    """Each rank's number of vocabulary rows: equal shares, the last rank taking what is left."""
-    per = -(-vocab // world)
-    sizes = [max(0, min(per, vocab - r * per)) for r in range(world)]
-    if min(sizes) == 0:
-        raise ParallelError(f"a vocabulary of {vocab} cannot be split over {world} ranks")
-    return sizes
+    """Each rank's number of vocabulary rows (part's shares)."""
+    return [hi - lo for lo, hi in (part(vocab, world, r, "the vocabulary") for r in range(world))]
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -113,31 +114,26 @@ def row_parallel(module: nn.Module, lo: int, hi: int, rank: int, name: str, grou
     add_all_reduce(module, group)
 
 
-def kv_heads_of(rank: int, world: int, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
-    """[lo, hi) of the KV heads rank's query heads read (one replicated head when Hkv < world)."""
+def head_ranges(rank: int, world: int, num_heads: int, num_kv_heads: int) -> tuple[int, int, int, int]:
+    """(q_lo, q_hi, kv_lo, kv_hi): the query heads rank owns and the KV heads they read. With at
+    least as many KV heads as ranks, whole GQA groups are split (unevenly where they do not
+    divide); with fewer, each rank's queries read one KV head, replicated on the ranks that share it."""
+    group = num_heads // num_kv_heads
     if num_kv_heads >= world:
-        return even_part(num_kv_heads, world, rank, "the number of KV heads")
-    if world % num_kv_heads:
-        raise ParallelError(f"with {num_kv_heads} KV heads, the tensor parallel size ({world}) must be a "
-                            "multiple or a divisor of it")
-    h = rank * num_kv_heads // world
-    return h, h + 1
-
-
-def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
-    """[lo, hi) of the layers pipeline stage `stage` runs: contiguous, sizes differing by one at most."""
-    if num_layers < pp:
-        raise ParallelError(f"pipeline parallel size {pp} exceeds the model's {num_layers} layers")
-    base, extra = divmod(num_layers, pp)
-    lo = stage * base + min(stage, extra)
-    return lo, lo + base + (1 if stage < extra else 0)
+        kv_lo, kv_hi = part(num_kv_heads, world, rank, "the number of KV heads")
+        return kv_lo * group, kv_hi * group, kv_lo, kv_hi
+    if world % num_kv_heads or num_heads % world:
+        raise ParallelError(f"{num_kv_heads} KV heads and {num_heads} query heads over {world} ranks: the tensor "
+                            "parallel size must divide the query heads and be a multiple of the KV heads")
+    q_lo, q_hi = part(num_heads, world, rank, "the number of attention heads")
+    return q_lo, q_hi, q_lo // group, q_lo // group + 1
 
 
 def shard_model(model: Transformer, group: ParallelGroup, expert_parallel: bool = False) -> None:
     """Turn `model` into this rank's shard (module docstring), in place: its pipeline stage's
     layers (renumbered from 0, so its KV pool holds only them), split across the stage's ranks."""
     cfg = model.config
-    lo, hi = stage_layers(cfg.num_layers, group.pp, group.stage)
+    lo, hi = part(cfg.num_layers, group.pp, group.stage, "the model's layers")
     first, last = group.stage == 0, group.stage == group.pp - 1
     if group.pp > 1:
         layers = list(model.model.layers)[lo:hi]
@@ -157,8 +153,7 @@ def shard_model(model: Transformer, group: ParallelGroup, expert_parallel: bool 
 def _split_tensors(model: Transformer, cfg: ModelConfig, rank: int, world: int, pg: ProcessGroup | None,
                    expert_parallel: bool, first_layer: int, first: bool, last: bool) -> ModelConfig:
     hd = cfg.d_head
-    q_lo, q_hi = even_part(cfg.num_heads, world, rank, "the number of attention heads")
-    kv_lo, kv_hi = kv_heads_of(rank, world, cfg.num_heads, cfg.n_kv_heads)
+    q_lo, q_hi, kv_lo, kv_hi = head_ranges(rank, world, cfg.num_heads, cfg.n_kv_heads)
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             at = f"model.layers.{first_layer + i}"
@@ -175,7 +170,7 @@ def _split_tensors(model: Transformer, cfg: ModelConfig, rank: int, world: int, 
                 _shard_moe(moe, rank, world, expert_parallel, f"{at}.block_sparse_moe", pg)
                 continue
             mlp = layer.mlp
-            lo, hi = even_part(mlp.down_proj.in_features, world, rank, "the MLP's intermediate size")
+            lo, hi = part(mlp.down_proj.in_features, world, rank, "the MLP's intermediate size")
             for proj in ("gate_proj", "up_proj"):
                 if proj in mlp._modules:
                     slice_linear(mlp._modules[proj], lo, hi, 0, f"{at}.mlp.{proj}")
@@ -188,7 +183,7 @@ def _split_tensors(model: Transformer, cfg: ModelConfig, rank: int, world: int, 
 
 def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str, pg: ProcessGroup | None) -> None:
     if expert_parallel:
-        lo, hi = even_part(len(moe.experts), world, rank, "the number of experts")
+        lo, hi = part(len(moe.experts), world, rank, "the number of experts")
         for e in range(len(moe.experts)):
             if not lo <= e < hi:
                 moe.experts[e] = nn.Identity()  # another rank's expert: its weights are freed here
@@ -196,7 +191,7 @@ def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str
         moe.local_experts = frozenset(range(lo, hi))
     else:
         for e, expert in enumerate(moe.experts):
-            lo, hi = even_part(expert.w2.in_features, world, rank, "the experts' intermediate size")
+            lo, hi = part(expert.w2.in_features, world, rank, "the experts' intermediate size")
             slice_linear(expert.w1, lo, hi, 0, f"{name}.experts.{e}.w1")
             slice_linear(expert.w3, lo, hi, 0, f"{name}.experts.{e}.w3")
             slice_linear(expert.w2, lo, hi, 1, f"{name}.experts.{e}.w2")
