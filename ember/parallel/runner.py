@@ -63,8 +63,12 @@ def start_parallel(model: Transformer, cfg: EngineConfig) -> ParallelGroup:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(serve_steps(model, group, cfg))
-    group.form_stages(cfg.tensor_parallel_size)
-    shard_model(model, group, cfg.enable_expert_parallel)
+    try:
+        group.form_stages(cfg.tensor_parallel_size)
+        shard_model(model, group, cfg.enable_expert_parallel)
+    except BaseException:
+        group.close(wait_s=30.0)  # the workers refuse the same shape and exit
+        raise
     return group
 
 

@@ -41,3 +41,6 @@ def tiny(tok):
     from ember.config import preset
 
     return spread_model(preset("tiny", vocab_size=tok.vocab_size, eos_token_id=(tok.eos_token_id,))), tok
+
+
+from tests.eval.conftest import tiny_dir  # noqa: E402,F401  (a tiny Llama folder with a tokenizer)
