@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ember.errors import EmberError
+from ember.parallel.layers import CommStats
 
 
 class ParallelError(EmberError):
@@ -40,6 +41,7 @@ class ParallelGroup:
     procs: list[mp.Process] = field(default_factory=list)  # workers this process spawned
     tp: int = 0  # tensor-parallel size (0: the whole world)
     tp_group: dist.ProcessGroup | None = None  # this stage's ranks (None: the whole world)
+    comm: CommStats = field(default_factory=CommStats)  # time in the model's all-reduces
 
     @property
     def pp(self) -> int:

@@ -12,6 +12,9 @@ swaps (their forward differs).
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -20,19 +23,30 @@ import torch.nn.functional as F
 from ember.model.transformer import MoE
 
 
+@dataclass
+class CommStats:
+    """Seconds this rank spent in the model's all-reduces (waiting for the slowest rank included)."""
+
+    calls: int = 0
+    seconds: float = 0.0
+
+
 class _AllReduce:
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats) -> None:
+        self.group, self.stats = group, stats
 
     def __call__(self, module: nn.Module, args: object, out: object) -> object:
+        start = time.perf_counter()
         dist.all_reduce(out[0] if isinstance(out, tuple) else out, group=self.group)
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.calls += 1
         return out
 
 
-def add_all_reduce(module: nn.Module, group: dist.ProcessGroup | None) -> None:
+def add_all_reduce(module: nn.Module, group: dist.ProcessGroup | None, stats: CommStats) -> None:
     """Sum `module`'s output (or the first element of a tuple output) over the tensor-parallel
-    ranks of `group` (None: the whole world)."""
-    module.register_forward_hook(_AllReduce(group))
+    ranks of `group` (None: the whole world), timed into `stats`."""
+    module.register_forward_hook(_AllReduce(group, stats))
 
 
 class _LogitsGather:

@@ -31,7 +31,7 @@ from torch.distributed import ProcessGroup
 from ember.config import ModelConfig
 from ember.model.transformer import MoE, Transformer
 from ember.parallel.group import ParallelError, ParallelGroup
-from ember.parallel.layers import ExpertParallelMoE, VocabParallelEmbedding, add_all_reduce, add_logits_gather
+from ember.parallel.layers import CommStats, ExpertParallelMoE, VocabParallelEmbedding, add_all_reduce, add_logits_gather
 
 GGUF_BLOCK = 32  # weights per GGUF block (and per INT8 kernel block)
 
@@ -104,14 +104,15 @@ def slice_linear(module: nn.Module, lo: int, hi: int, dim: int, name: str) -> No
         module.in_features = n
 
 
-def row_parallel(module: nn.Module, lo: int, hi: int, rank: int, name: str, group: ProcessGroup | None) -> None:
+def row_parallel(module: nn.Module, lo: int, hi: int, rank: int, name: str, group: ProcessGroup | None,
+                 stats: CommStats) -> None:
     """Keep input columns [lo, hi), the bias on rank 0 only, and sum the output over the ranks."""
     slice_linear(module, lo, hi, 1, name)
     if rank:
         base = getattr(module, "base_layer", module)
         if getattr(base, "bias", None) is not None:
             base.bias = None
-    add_all_reduce(module, group)
+    add_all_reduce(module, group, stats)
 
 
 def head_ranges(rank: int, world: int, num_heads: int, num_kv_heads: int) -> tuple[int, int, int, int]:
@@ -146,12 +147,13 @@ def shard_model(model: Transformer, group: ParallelGroup, expert_parallel: bool 
             model.lm_head = nn.Identity()
         cfg = cfg.replace(num_layers=hi - lo, layer_types=cfg.layer_types[lo:hi])
     if group.tp > 1:
-        cfg = _split_tensors(model, cfg, group.tp_rank, group.tp, group.tp_group, expert_parallel, lo, first, last)
+        cfg = _split_tensors(model, cfg, group, expert_parallel, lo, first, last)
     model.config = cfg
 
 
-def _split_tensors(model: Transformer, cfg: ModelConfig, rank: int, world: int, pg: ProcessGroup | None,
-                   expert_parallel: bool, first_layer: int, first: bool, last: bool) -> ModelConfig:
+def _split_tensors(model: Transformer, cfg: ModelConfig, group: ParallelGroup, expert_parallel: bool,
+                   first_layer: int, first: bool, last: bool) -> ModelConfig:
+    rank, world, pg, stats = group.tp_rank, group.tp, group.tp_group, group.comm
     hd = cfg.d_head
     q_lo, q_hi, kv_lo, kv_hi = head_ranges(rank, world, cfg.num_heads, cfg.n_kv_heads)
     with torch.no_grad():
@@ -161,27 +163,28 @@ def _split_tensors(model: Transformer, cfg: ModelConfig, rank: int, world: int, 
             slice_linear(attn.q_proj, q_lo * hd, q_hi * hd, 0, f"{at}.self_attn.q_proj")
             for proj in ("k_proj", "v_proj"):
                 slice_linear(getattr(attn, proj), kv_lo * hd, kv_hi * hd, 0, f"{at}.self_attn.{proj}")
-            row_parallel(attn.o_proj, q_lo * hd, q_hi * hd, rank, f"{at}.self_attn.o_proj", pg)
+            row_parallel(attn.o_proj, q_lo * hd, q_hi * hd, rank, f"{at}.self_attn.o_proj", pg, stats)
             attn.spec = dataclasses.replace(attn.spec, num_heads=q_hi - q_lo, num_kv_heads=kv_hi - kv_lo,
                                             head_offset=q_lo, total_heads=cfg.num_heads)
             attn.fused_qkv = None
             moe = layer._modules.get("block_sparse_moe")
             if moe is not None:
-                _shard_moe(moe, rank, world, expert_parallel, f"{at}.block_sparse_moe", pg)
+                _shard_moe(moe, rank, world, expert_parallel, f"{at}.block_sparse_moe", pg, stats)
                 continue
             mlp = layer.mlp
             lo, hi = part(mlp.down_proj.in_features, world, rank, "the MLP's intermediate size")
             for proj in ("gate_proj", "up_proj"):
                 if proj in mlp._modules:
                     slice_linear(mlp._modules[proj], lo, hi, 0, f"{at}.mlp.{proj}")
-            row_parallel(mlp.down_proj, lo, hi, rank, f"{at}.mlp.down_proj", pg)
+            row_parallel(mlp.down_proj, lo, hi, rank, f"{at}.mlp.down_proj", pg, stats)
             if hasattr(mlp, "fused_gate_up"):
                 mlp.fused_gate_up = None
         _shard_vocab(model, rank, world, pg, first, last)
     return cfg.replace(num_heads=q_hi - q_lo, num_kv_heads=kv_hi - kv_lo, head_dim=hd)
 
 
-def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str, pg: ProcessGroup | None) -> None:
+def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str, pg: ProcessGroup | None,
+               stats: CommStats) -> None:
     if expert_parallel:
         lo, hi = part(len(moe.experts), world, rank, "the number of experts")
         for e in range(len(moe.experts)):
@@ -195,7 +198,7 @@ def _shard_moe(moe: MoE, rank: int, world: int, expert_parallel: bool, name: str
             slice_linear(expert.w1, lo, hi, 0, f"{name}.experts.{e}.w1")
             slice_linear(expert.w3, lo, hi, 0, f"{name}.experts.{e}.w3")
             slice_linear(expert.w2, lo, hi, 1, f"{name}.experts.{e}.w2")
-    add_all_reduce(moe, pg)
+    add_all_reduce(moe, pg, stats)
 
 
 def _shard_vocab(model: Transformer, rank: int, world: int, pg: ProcessGroup | None, first: bool, last: bool) -> None:
