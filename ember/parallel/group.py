@@ -81,7 +81,7 @@ class ParallelGroup:
         for p in self.procs:
             p.join(wait_s)
             if p.exitcode is None:
-                p.terminate()
+                p.kill()  # a worker ignores SIGTERM (rank 0 leads shutdown)
                 p.join(wait_s)
         if dist.is_initialized():
             dist.destroy_process_group()

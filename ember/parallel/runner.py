@@ -21,6 +21,7 @@ whose rank 0 is gone exits with status 1.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import sys
@@ -137,6 +138,9 @@ class ParallelModelRunner(StageRunner):
             self._broadcast((num_blocks, block_size, kv_dtype, int8_activations))
         self.watchdog = threading.Thread(target=self._watch, name="ember-parallel-watchdog", daemon=True)
         self.watchdog.start()
+        # A script that never calls LLM.close(): stop the workers before multiprocessing's own exit
+        # handler (registered earlier, so run later) would wait on them.
+        atexit.register(self.close)
 
     def run(self, step: StepInputs) -> torch.Tensor | None:
         with self.lock:
@@ -151,6 +155,7 @@ class ParallelModelRunner(StageRunner):
         if self._stop.is_set():
             return
         self._stop.set()
+        atexit.unregister(self.close)
         with self.lock:
             if self.failed is None:
                 try:

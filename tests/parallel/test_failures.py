@@ -75,6 +75,20 @@ def test_worker_exits_when_rank0_dies(llama, tmp_path) -> None:
     assert _gone(int(proc.stdout.split()[0]), within=30), "the worker outlived its rank 0"
 
 
+def test_a_script_that_never_closes_exits_promptly(llama, tmp_path) -> None:
+    script = tmp_path / "forgets.py"
+    script.write_text(
+        "import ember\nfrom ember.engine import LLM, SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM(ember.load_model({str(llama)!r}), tensor_parallel_size=2)\n"
+        "    print(llm.generate([[5, 6]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids)\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(ember.__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.monotonic() - start < 60  # not the workers' 120 s collective timeout
+
+
 def test_unsplittable_shape_is_refused_and_workers_cleaned_up(llama) -> None:
     model = ember.load_model(llama)  # 4 query heads reading 2 KV heads
     with pytest.raises(ParallelError, match="multiple of the KV heads"):
