@@ -37,7 +37,7 @@ from ember.engine.model_runner import StepInputs
 from ember.model.transformer import Transformer
 from ember.parallel.group import ParallelError, ParallelGroup, join_or_spawn
 from ember.parallel.pipeline import StageRunner
-from ember.parallel.shard import shard_model
+from ember.parallel.shard import check_splittable, shard_model
 
 log = logging.getLogger("ember.parallel")
 
@@ -57,6 +57,7 @@ def _recv() -> object:
 def start_parallel(model: Transformer, cfg: EngineConfig) -> ParallelGroup:
     """Form the group and turn rank 0's `model` into its shard. Under torchrun, a rank other than
     0 serves rank 0's steps here and exits the process when rank 0 closes (SystemExit)."""
+    check_splittable(model.config, cfg.tensor_parallel_size, cfg.pipeline_parallel_size, cfg.enable_expert_parallel)
     device = next(model.parameters()).device
     group = join_or_spawn(cfg.world_size, device, cfg.distributed_timeout, worker_main,
                           (model, cfg, torch.get_num_threads()))
@@ -110,8 +111,8 @@ def serve_steps(model: Transformer, group: ParallelGroup, cfg: EngineConfig) -> 
                 return 0
             if step != PING:
                 runner.run(step)
-    except ParallelError as e:  # a shape this rank cannot split: rank 0 refuses the same
-        log.error("parallel rank %d: %s", rank, e)
+    except ParallelError as e:  # a layer this rank cannot split: rank 0 refuses the same, and says so
+        log.debug("parallel rank %d: %s", rank, e)
         return 1
     except (RuntimeError, ConnectionError) as e:
         log.error("parallel rank %d: rank 0 is gone or stopped answering (%s); exiting",

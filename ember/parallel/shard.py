@@ -130,6 +130,18 @@ def head_ranges(rank: int, world: int, num_heads: int, num_kv_heads: int) -> tup
     return q_lo, q_hi, q_lo // group, q_lo // group + 1
 
 
+def check_splittable(cfg: ModelConfig, tp: int, pp: int, expert_parallel: bool) -> None:
+    """Refuse, before any process starts, a model whose heads, layers, vocabulary or experts cannot
+    be split this way (quantized blocks are checked as they are cut)."""
+    part(cfg.num_layers, pp, 0, "the model's layers")
+    if tp > 1:
+        for rank in range(tp):
+            head_ranges(rank, tp, cfg.num_heads, cfg.n_kv_heads)
+        part(cfg.vocab_size, tp, 0, "the vocabulary")
+        part(cfg.num_experts if cfg.is_moe and expert_parallel else cfg.intermediate_size, tp, 0,
+             "the number of experts" if cfg.is_moe and expert_parallel else "the MLP's intermediate size")
+
+
 def shard_model(model: Transformer, group: ParallelGroup, expert_parallel: bool = False) -> None:
     """Turn `model` into this rank's shard (module docstring), in place: its pipeline stage's
     layers (renumbered from 0, so its KV pool holds only them), split across the stage's ranks."""
