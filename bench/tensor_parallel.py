@@ -102,7 +102,7 @@ def bench(name: str, args: argparse.Namespace) -> None:
     for kind in ("batch", "single"):
         print(f"  {kind:6s}  TP=1 {med['1 ' + kind]:8.1f} tok/s   TP=2 {med['2 ' + kind]:8.1f} tok/s   "
               f"TP=2 / TP=1 = {med['2 ' + kind] / med['1 ' + kind]:.2f}")
-    print(f"  TP=2 all-reduce on rank 0: {1000 * comm / max(steps, 1):.2f} ms per step "
+    print(f"  TP=2 rank 0 in the all-reduces after o_proj / down_proj: {1000 * comm / max(steps, 1):.2f} ms per step "
           f"({comm / max(step_s, 1e-9):.0%} of step time, {steps} steps)")
     kv_full = one.llm.engine.model.config.kv_bytes_per_token(4)
     print(f"  per rank: weights {weight_bytes(model) / 2**20:.1f} of {full_bytes / 2**20:.1f} MiB, "

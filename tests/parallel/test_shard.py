@@ -115,3 +115,24 @@ def test_pipeline_stage_keeps_its_layers_renumbered() -> None:
     assert model.config.num_layers == 2 and list(model.model.layers)[-1] is last
     assert [b.self_attn.spec.layer_idx for b in model.model.layers] == [0, 1]
     assert isinstance(model.model.embed_tokens, nn.Identity)
+
+
+def test_engine_config_names_bad_parallel_settings() -> None:
+    from ember.engine.config import EngineConfig, EngineConfigError
+
+    with pytest.raises(EngineConfigError, match="tensor_parallel_size must be >= 1, got 0"):
+        EngineConfig(tensor_parallel_size=0)
+    with pytest.raises(EngineConfigError, match="enable_expert_parallel .* set tensor_parallel_size > 1"):
+        EngineConfig(enable_expert_parallel=True)
+    assert EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=3).world_size == 6
+
+
+def test_unsplittable_models_are_refused_before_any_process_starts() -> None:
+    from ember.parallel.shard import check_splittable
+
+    cfg = preset("tiny").replace(num_heads=4, num_kv_heads=2, num_layers=2)
+    check_splittable(cfg, 2, 2, False)
+    with pytest.raises(ParallelError, match=r"the model's layers \(2\) cannot be split over 3 ranks"):
+        check_splittable(cfg, 1, 3, False)
+    with pytest.raises(ParallelError, match="multiple of the KV heads"):
+        check_splittable(cfg, 3, 1, False)
