@@ -150,6 +150,10 @@ class ParallelModelRunner(StageRunner):
                 return super().run(step)
             except RuntimeError as e:  # a collective inside the forward failed or timed out
                 raise self._fail(e) from e
+            except BaseException:  # e.g. Ctrl-C mid-step: the workers may sit in a collective, so
+                # no further broadcast can match theirs; close() then waits briefly and kills them
+                self.failed = self.failed or "a step was interrupted: the ranks are out of step"
+                raise
 
     def close(self) -> None:
         """Tell the workers to stop, wait for them and leave the group (idempotent)."""
@@ -163,7 +167,7 @@ class ParallelModelRunner(StageRunner):
                     _send(None)
                 except RuntimeError:
                     pass
-        self.group.close()
+        self.group.close(wait_s=10.0 if self.failed is None else 2.0)
 
     def _broadcast(self, msg: object) -> None:
         if self.failed is not None:
