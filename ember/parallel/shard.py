@@ -25,7 +25,6 @@ import dataclasses
 
 import torch
 import torch.nn as nn
-
 from torch.distributed import ProcessGroup
 
 from ember.config import ModelConfig

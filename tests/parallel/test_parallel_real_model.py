@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import ember
 from ember.adapters.lora import wrap_module
-from ember.engine import LLM, SamplingParams
+from ember.engine import LLM
 from tests.parallel.test_parallel_parity import run_recording
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are"]
