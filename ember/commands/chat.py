@@ -44,7 +44,8 @@ class ChatConfig:
         "help": "JSON schema file: every reply is JSON valid under it (constrained decoding)"})
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "split the model across this many processes (tensor parallel; ember spawns them)"})
-    pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline stages (layer ranges), each its own processes"})
+    pipeline_parallel_size: int = field(default=1, metadata={
+        "help": "pipeline stages (layer ranges), each its own processes"})
     enable_expert_parallel: bool = field(default=False, metadata={
         "help": "MoE models: whole experts per tensor-parallel rank instead of slices of each"})
 

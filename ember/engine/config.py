@@ -81,7 +81,8 @@ class EngineConfig:
              f"({self.max_num_seqs}) so every running sequence can decode each step")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
         need(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        need(self.pipeline_parallel_size >= 1, f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        need(self.pipeline_parallel_size >= 1,
+             f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
         need(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
              "enable_expert_parallel splits experts across tensor-parallel ranks: set tensor_parallel_size > 1")
         need(self.distributed_timeout > 0, f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")

@@ -30,7 +30,13 @@ from torch.distributed import ProcessGroup
 from ember.config import ModelConfig
 from ember.model.transformer import MoE, Transformer
 from ember.parallel.group import ParallelError, ParallelGroup
-from ember.parallel.layers import CommStats, ExpertParallelMoE, VocabParallelEmbedding, add_all_reduce, add_logits_gather
+from ember.parallel.layers import (
+    CommStats,
+    ExpertParallelMoE,
+    VocabParallelEmbedding,
+    add_all_reduce,
+    add_logits_gather,
+)
 
 GGUF_BLOCK = 32  # weights per GGUF block (and per INT8 kernel block)
 
@@ -79,8 +85,9 @@ def slice_linear(module: nn.Module, lo: int, hi: int, dim: int, name: str) -> No
         if dim == 1:
             if lo % GGUF_BLOCK or hi % GGUF_BLOCK:
                 raise ParallelError(f"{name}: its {module.ggml_type} blocks hold {GGUF_BLOCK} inputs each, and a "
-                                    f"split at columns {lo}..{hi} would cut blocks: pick a tensor parallel size "
-                                    f"that gives each rank a multiple of {GGUF_BLOCK} of its {module.in_features} inputs")
+                                    f"split at columns {lo}..{hi} would cut blocks: pick a tensor parallel "
+                                    f"size that gives each rank a multiple of {GGUF_BLOCK} of its "
+                                    f"{module.in_features} inputs")
             b = GGUF_BLOCK_BYTES[module.ggml_type]
             module.blocks = module.blocks[:, lo // GGUF_BLOCK * b:hi // GGUF_BLOCK * b].contiguous()
         else:
