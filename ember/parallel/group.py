@@ -120,6 +120,8 @@ def join_or_spawn(world: int, device: torch.device, timeout_s: float,
     if dist.is_initialized():
         raise ParallelError("a torch.distributed process group already exists in this process: close the "
                             "other parallel engine first (LLM.close()), or run under torchrun")
+    if device.type == "cuda":  # NCCL's object broadcasts stage through the current device
+        torch.cuda.set_device(device)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(r, world, init_method, timeout_s, *worker_args), daemon=True,

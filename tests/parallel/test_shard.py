@@ -82,6 +82,24 @@ def test_gguf_shards_compute_the_whole_layer(ggml_type: str) -> None:
     torch.testing.assert_close(rows[0](x[:, :64]) + rows[1](x[:, 64:]), want, atol=1e-4, rtol=1e-4)
 
 
+def test_int8_shards_compute_the_whole_layer() -> None:
+    import copy
+
+    from ember.quant.linear import Int8Linear
+
+    torch.manual_seed(0)
+    whole = Int8Linear.from_linear(nn.Linear(96, 40))
+    x = torch.randn(3, 96)
+    want = whole(x)
+    cols, rows = [copy.deepcopy(whole) for _ in range(2)], [copy.deepcopy(whole) for _ in range(2)]
+    for r in range(2):
+        slice_linear(cols[r], 20 * r, 20 * (r + 1), 0, "w")
+        slice_linear(rows[r], 48 * r, 48 * (r + 1), 1, "w")
+    rows[1].bias = None
+    torch.testing.assert_close(torch.cat([m(x) for m in cols], -1), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rows[0](x[:, :48]) + rows[1](x[:, 48:]), want, atol=1e-4, rtol=1e-4)
+
+
 def test_lora_wrapped_layers_shard_base_and_adapter() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12, bias=True))
