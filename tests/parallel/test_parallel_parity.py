@@ -1,6 +1,7 @@
 """Tensor, pipeline and expert parallel engines give what one process gives: the same greedy tokens
 and logits within 1e-5, for 16 prompts on tiny llama (GQA), qwen2 (biases, tied head) and mixtral
-models, with prefix caching, chunked prefill and preemption all on. Each parallel engine is 2
+models (and Falcon's multi-query parallel block, whose one KV head each rank copies), with
+prefix caching, chunked prefill and preemption all on. Each parallel engine is 2
 processes (gloo, one thread each; TP x PP: 4) spawned by ember, compared step by step with a
 one-process engine on a copy of the same model.
 """
@@ -29,7 +30,9 @@ MODES = {
 }
 CASES = [("llama-gqa-llama3-rope", "tp2"), ("llama-gqa-llama3-rope", "pp2"), ("llama-gqa-llama3-rope", "tp2xpp2"),
          ("qwen2-bias-tied", "tp2"), ("qwen2-bias-tied", "pp2"),
-         ("mixtral-4x2", "tp2"), ("mixtral-4x2", "pp2"), ("mixtral-4x2", "ep2")]
+         ("mixtral-4x2", "tp2"), ("mixtral-4x2", "pp2"), ("mixtral-4x2", "ep2"),
+         # one KV head (MQA) over 2 ranks: each keeps a copy; Falcon's parallel block and biases
+         ("falcon-mqa-parallel", "tp2")]
 
 
 def _prompts(vocab: int) -> list[list[int]]:
