@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -144,6 +145,9 @@ def main(cfg: ServeConfig) -> None:
     from ember.serve.server import serve
 
     if cfg.on_ray:  # --replicas / --min-replicas: the engine on Ray Serve replicas (serve/ray.py)
+        if cfg.world_size > 1:
+            raise ServeConfigError("--replicas runs one-process engines on Ray Serve: drop --tensor-parallel-size / "
+                                   "--pipeline-parallel-size there, or serve one parallel engine without --replicas")
         from ember.serve.ray import run_fleet
 
         return run_fleet(cfg)
@@ -154,7 +158,19 @@ def main(cfg: ServeConfig) -> None:
              cfg.max_num_seqs, cfg.max_queue_len)
     if cfg.ui:
         log.info("chat page: http://%s:%d/", cfg.host, cfg.port)
+    failure: list[str] = []
+    runner = serving.engine.engine.runner
+    if hasattr(runner, "on_failure"):  # a parallel engine: a dead rank takes the server down (drained)
+        def down(message: str) -> None:
+            failure.append(message)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        runner.on_failure = down
     serve(app, host=cfg.host, port=cfg.port, drain_timeout=cfg.drain_timeout, access_log=cfg.access_log)
+    if failure:
+        from ember.parallel import ParallelError
+
+        raise ParallelError(f"the server stopped: {failure[0]}")
 
 
 def stage_serve(state) -> None:

@@ -61,6 +61,16 @@ class EngineConfig:
     int8_activations: bool = field(default=False, metadata={
         "help": "quantized weights at batch-1 decode: round activations to int8 per 32 values and multiply in "
                 "integers, as llama.cpp does (faster; logits move by ~1e-3 relative), instead of fp32"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "processes (ranks) the model is split across, Megatron-style (ember/parallel); ember spawns "
+                "them, or under torchrun joins the ones started"})
+    pipeline_parallel_size: int = field(default=1, metadata={
+        "help": "pipeline stages (contiguous layer ranges, each on tensor_parallel_size ranks); micro-batches "
+                "of each step keep the stages busy together"})
+    enable_expert_parallel: bool = field(default=False, metadata={
+        "help": "MoE models: split whole experts across the tensor-parallel ranks instead of each expert"})
+    distributed_timeout: float = field(default=120.0, metadata={
+        "help": "seconds a parallel collective may wait for a rank before the engine fails"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -80,8 +90,22 @@ class EngineConfig:
         need(self.kv_offload_gb >= 0, f"kv_offload_gb must be >= 0 GiB, got {self.kv_offload_gb}")
         need(self.kv_offload_dir is None or self.kv_offload_gb > 0,
              "kv_offload_dir is set but kv_offload_gb is 0: give the tier a size with --kv-offload-gb")
+        need(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        need(self.pipeline_parallel_size >= 1,
+             f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        need(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
+             "enable_expert_parallel splits experts across tensor-parallel ranks: set tensor_parallel_size > 1")
+        need(self.distributed_timeout > 0, f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")
+        need(self.kv_offload_gb == 0 or (self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1),
+             "kv_offload_gb with tensor or pipeline parallel is not supported: the tier copies one "
+             "process's KV pool, and each rank holds its own")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the engine: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV pool's element type for a model computing in `model_dtype`."""

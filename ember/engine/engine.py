@@ -146,6 +146,11 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
+        group = None
+        if cfg.world_size > 1:  # rank 0's model becomes its shard (ember/parallel)
+            from ember.parallel.runner import start_parallel
+
+            group = start_parallel(model, cfg)
         mcfg = model.config
         p = next(model.parameters())
         kv_dtype = cfg.cache_dtype(p.dtype)
@@ -157,7 +162,13 @@ class LLMEngine:
                 f"without chunked prefill, max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= "
                 f"max_model_len ({self.max_model_len}) so every prompt fits one step")
         self.kv = KVCacheManager(blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations)
+        if group is None:
+            self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations)
+        else:
+            from ember.parallel.runner import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(group, model, blocks, cfg.block_size, kv_dtype,
+                                              cfg.int8_activations, cfg.distributed_timeout)
         if cfg.kv_offload_gb > 0:
             self.kv.offload = KVOffloadTier.sized(self.runner.kv_cache, self.runner.initialized,
                                                   cfg.kv_offload_gb, cfg.kv_offload_dir)
@@ -236,6 +247,12 @@ class LLMEngine:
         group.aborted = True
         self.num_requests_finished += 1
         return group.output()
+
+    def close(self) -> None:
+        """Release what outlives the engine object: a parallel engine's worker ranks."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def has_unfinished(self) -> bool:
         return bool(self.groups)

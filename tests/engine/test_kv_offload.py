@@ -218,6 +218,8 @@ def test_tier_errors_are_one_clear_line(tmp_path) -> None:
         EngineConfig(kv_offload_dir=str(tmp_path))
     with pytest.raises(EngineConfigError, match="kv_offload_gb must be >= 0"):
         EngineConfig(kv_offload_gb=-1)
+    with pytest.raises(EngineConfigError, match="kv_offload_gb with tensor or pipeline parallel is not supported"):
+        EngineConfig(kv_offload_gb=1.0, tensor_parallel_size=2)
 
 
 # ---- the bookkeeping under random interleavings, with contents ------------------------------------
