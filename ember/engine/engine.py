@@ -9,8 +9,7 @@ One step (docs/architecture.md §4):
     Scheduler.schedule()        token budget, running first, prefix-cache hits, preemption
     TokenMasker.start()         masks of the constrained requests sampled this step, computed on a
                                 background thread while the forward runs (token_mask.py)
-    ModelRunner.execute()       flattened forward over the paged KV cache -> logits (with LoRA: each
-                                row's adapter slot, lora_manager.py; the base matmuls once for all)
+    ModelRunner.execute()       flattened forward over the paged KV cache -> logits
     fork n > 1 groups           children share the prompt's blocks, each samples its own token
     Sampler                     token masks, penalties, filters, seeded draws, logprobs
     append + stop checks        matcher advanced; EOS / stop_token_ids / stop strings (Detokenizer) /
@@ -22,6 +21,7 @@ engine's streams); otherwise one cumulative output when it finishes (LLM.generat
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -33,6 +33,7 @@ from ember.engine.grammar import GrammarCompiler
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.lora_manager import LoRAManager
 from ember.engine.lora_request import LoRARequest
+from ember.engine.kv_offload import KVOffloadTier
 from ember.engine.model_runner import ModelRunner
 from ember.engine.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
 from ember.engine.sampler import Sampler
@@ -43,6 +44,8 @@ from ember.errors import EmberError
 from ember.model.generate import stop_token_ids
 from ember.model.transformer import Transformer
 from ember.tokenizer import Tokenizer
+
+log = logging.getLogger("ember.engine")
 
 
 class RequestError(EmberError):
@@ -63,6 +66,21 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_requests_finished: int
+    kv_offload: OffloadStats | None = None  # None without an offload tier
+
+
+@dataclass
+class OffloadStats:
+    """Counters of the KV offload tier (blocks, not tokens)."""
+
+    usage: float  # fraction of the tier's slots holding a block
+    num_slots: int
+    stored_prefix_blocks: int  # evicted prefix-cache blocks copied in
+    stored_swap_blocks: int  # blocks of preempted sequences copied in
+    restored_prefix_blocks: int  # prefix hits copied back into the pool
+    restored_swap_blocks: int  # swapped sequences' blocks copied back
+    dropped_blocks: int  # prefix blocks dropped from a full tier (LRU)
+    swapped_sequences: int  # preemptions that swapped instead of recomputing
 
 
 class RequestGroup:
@@ -130,6 +148,11 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
+        group = None
+        if cfg.world_size > 1:  # rank 0's model becomes its shard (ember/parallel)
+            from ember.parallel.runner import start_parallel
+
+            group = start_parallel(model, cfg)
         mcfg = model.config
         p = next(model.parameters())
         kv_dtype = cfg.cache_dtype(p.dtype)
@@ -143,7 +166,17 @@ class LLMEngine:
         self.kv = KVCacheManager(blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.lora = LoRAManager(model, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras or cfg.max_loras) \
             if cfg.enable_lora else None
-        self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations, self.lora)
+        if group is None:
+            self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations, self.lora)
+        else:
+            from ember.parallel.runner import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(group, model, blocks, cfg.block_size, kv_dtype,
+                                              cfg.int8_activations, cfg.distributed_timeout)
+        if cfg.kv_offload_gb > 0:
+            self.kv.offload = KVOffloadTier.sized(self.runner.kv_cache, self.runner.initialized,
+                                                  cfg.kv_offload_gb, cfg.kv_offload_dir)
+            log.info("KV offload tier: %d blocks in %s", self.kv.offload.num_slots, self.kv.offload.where)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill,
                                    self.lora)
         self.eos_token_ids = stop_token_ids(mcfg, tokenizer.eos_token_id if tokenizer else None)
@@ -170,16 +203,10 @@ class LLMEngine:
             raise RequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary of {self.model.config.vocab_size}")
         return ids
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams,
-                      lora_request: LoRARequest | None = None) -> int:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Raise a clear error if the request cannot be served; else its max_tokens after capping."""
         if not isinstance(params, SamplingParams):
             raise SamplingParamsError(f"expected SamplingParams, got {type(params).__name__}")
-        if lora_request is not None:
-            if self.lora is None:
-                raise RequestError("this engine serves no LoRA adapters: start it with enable_lora=True "
-                                   "(ember serve: --lora-modules or --enable-lora)")
-            self.lora.check(lora_request)
         params.check_vocab(self.model.config.vocab_size)
         if params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)  # GrammarError (a 400) before queueing
@@ -198,19 +225,13 @@ class LLMEngine:
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, stream: bool = False,
-                    lora_request: LoRARequest | None = None) -> None:
-        """Queue a request (text, or token ids), with a LoRA adapter or none; errors are raised here,
-        before anything is queued."""
+                    arrival_time: float | None = None, stream: bool = False) -> None:
+        """Queue a request (text, or token ids); errors are raised here, before anything is queued."""
         if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
-        max_tokens = self.check_request(ids, params, lora_request)
-        if lora_request is not None:
-            self.lora.load(lora_request, self._adapters_in_use)
+        max_tokens = self.check_request(ids, params)
         seq = Request(request_id, ids, params, max_tokens, arrival_time)
-        if lora_request is not None:
-            seq.lora_request, seq.cache_salt = lora_request, lora_request.cache_salt
         if self.tokenizer is not None:
             seq.detokenizer = Detokenizer(self.tokenizer, ids, params)
         if params.structured_outputs is not None:
@@ -236,6 +257,12 @@ class LLMEngine:
         return {s.lora_request.lora_int_id for g in self.groups.values() for s in g.seqs
                 if s.lora_request is not None and not s.finished}
 
+    def close(self) -> None:
+        """Release what outlives the engine object: a parallel engine's worker ranks."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 
@@ -243,7 +270,15 @@ class LLMEngine:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage,
                            self.kv.num_blocks, self.kv.prefix_queries, self.kv.prefix_hits,
                            self.scheduler.num_preemptions, self.prompt_tokens_total,
-                           self.generation_tokens_total, self.num_requests_finished)
+                           self.generation_tokens_total, self.num_requests_finished, self._offload_stats())
+
+    def _offload_stats(self) -> OffloadStats | None:
+        t = self.kv.offload
+        if t is None:
+            return None
+        return OffloadStats(t.usage, t.num_slots, t.stored_prefix_blocks, t.stored_swap_blocks,
+                            t.restored_prefix_blocks, t.restored_swap_blocks, t.dropped_blocks,
+                            t.swapped_sequences)
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
