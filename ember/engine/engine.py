@@ -9,7 +9,8 @@ One step (docs/architecture.md §4):
     Scheduler.schedule()        token budget, running first, prefix-cache hits, preemption
     TokenMasker.start()         masks of the constrained requests sampled this step, computed on a
                                 background thread while the forward runs (token_mask.py)
-    ModelRunner.execute()       flattened forward over the paged KV cache -> logits
+    ModelRunner.execute()       flattened forward over the paged KV cache -> logits (with LoRA: each
+                                row's adapter slot, lora_manager.py; the base matmuls once for all)
     fork n > 1 groups           children share the prompt's blocks, each samples its own token
     Sampler                     token masks, penalties, filters, seeded draws, logprobs
     append + stop checks        matcher advanced; EOS / stop_token_ids / stop strings (Detokenizer) /
@@ -203,10 +204,16 @@ class LLMEngine:
             raise RequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary of {self.model.config.vocab_size}")
         return ids
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams,
+                      lora_request: LoRARequest | None = None) -> int:
         """Raise a clear error if the request cannot be served; else its max_tokens after capping."""
         if not isinstance(params, SamplingParams):
             raise SamplingParamsError(f"expected SamplingParams, got {type(params).__name__}")
+        if lora_request is not None:
+            if self.lora is None:
+                raise RequestError("this engine serves no LoRA adapters: start it with enable_lora=True "
+                                   "(ember serve: --lora-modules or --enable-lora)")
+            self.lora.check(lora_request)
         params.check_vocab(self.model.config.vocab_size)
         if params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)  # GrammarError (a 400) before queueing
@@ -225,13 +232,19 @@ class LLMEngine:
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, stream: bool = False) -> None:
-        """Queue a request (text, or token ids); errors are raised here, before anything is queued."""
+                    arrival_time: float | None = None, stream: bool = False,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queue a request (text, or token ids), with a LoRA adapter or none; errors are raised here,
+        before anything is queued."""
         if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
-        max_tokens = self.check_request(ids, params)
+        max_tokens = self.check_request(ids, params, lora_request)
+        if lora_request is not None:
+            self.lora.load(lora_request, self._adapters_in_use)
         seq = Request(request_id, ids, params, max_tokens, arrival_time)
+        if lora_request is not None:
+            seq.lora_request, seq.cache_salt = lora_request, lora_request.cache_salt
         if self.tokenizer is not None:
             seq.detokenizer = Detokenizer(self.tokenizer, ids, params)
         if params.structured_outputs is not None:
