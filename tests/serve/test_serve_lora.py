@@ -114,3 +114,15 @@ def test_openapi_documents_the_lora_routes(lora_server) -> None:
     body = doc["paths"]["/v1/load_lora_adapter"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"].rsplit("/", 1)[1] in doc["components"]["schemas"]
     assert "enum" not in doc["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["anyOf"][0]
+
+
+def test_runtime_updates_are_refused_with_replicas(tiny_dir) -> None:  # noqa: F811
+    with pytest.raises(ServeConfigError, match="one replica's adapters only"):
+        ServeConfig(model=tiny_dir, replicas=2, allow_runtime_lora_updating=True)
+
+
+def test_lora_with_tensor_parallel_is_refused() -> None:
+    from ember.engine.config import EngineConfig, EngineConfigError
+
+    with pytest.raises(EngineConfigError, match="enable_lora with tensor or pipeline parallel"):
+        EngineConfig(enable_lora=True, tensor_parallel_size=2)
