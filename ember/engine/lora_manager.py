@@ -39,7 +39,6 @@ class AdapterWeights:
 
     request: LoRARequest
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    max_rank: int
 
 
 class LoRAManager:
@@ -92,7 +91,7 @@ class LoRAManager:
                 raise LoRARequestError(f"LoRA adapter {lr.lora_name!r} has rank {t.r} on {name}, above "
                                        f"max_lora_rank {self.max_lora_rank}: raise --max-lora-rank")
             modules[name] = (t.a.float(), t.b.float(), lora_scaling(t.alpha, t.r, rslora))
-        return AdapterWeights(lr, modules, max((t.r for t in tensors.values()), default=0))
+        return AdapterWeights(lr, modules)
 
     def load(self, lr: LoRARequest, in_use: Callable[[], set[int]] = set) -> None:
         """Have `lr`'s adapter in host memory (read it unless it is); `in_use()`: ids of unfinished requests."""
@@ -155,7 +154,3 @@ class LoRAManager:
 
     def clear(self) -> None:
         self.batch.clear()
-
-    @property
-    def active_slots(self) -> list[int | None]:
-        return list(self.slots)

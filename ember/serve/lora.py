@@ -47,7 +47,6 @@ class LoadLoRARequest(BaseModel):
 class UnloadLoRARequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     lora_name: str
-    lora_int_id: int | None = None
 
 
 class ServedAdapters:
