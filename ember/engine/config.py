@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.config import ModelConfig
+from ember.engine.spec_decode.config import SpeculativeConfig
 from ember.errors import EmberError
 
 log = logging.getLogger("ember.engine")
@@ -54,6 +55,10 @@ class EngineConfig:
     int8_activations: bool = field(default=False, metadata={
         "help": "quantized weights at batch-1 decode: round activations to int8 per 32 values and multiply in "
                 "integers, as llama.cpp does (faster; logits move by ~1e-3 relative), instead of fp32"})
+    speculative_config: str | None = field(default=None, metadata={
+        "help": "speculative decoding, JSON as vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"method\": \"draft_model\", "
+                "\"model\": PATH_OR_NAME, \"num_speculative_tokens\": 4}' (LLM(...) also takes a dict)"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -70,6 +75,7 @@ class EngineConfig:
              f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
              f"({self.max_num_seqs}) so every running sequence can decode each step")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
+        SpeculativeConfig.parse(self.speculative_config)  # SpeculativeConfigError: one line, before any load
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 

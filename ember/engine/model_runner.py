@@ -5,7 +5,8 @@
       -> Transformer.hidden(...)                 every layer reads/writes K/V in the block pool
       -> lm_head only on the rows that need logits:
            the last token of each request that is sampled this step, and the prompt positions
-           of requests that asked for prompt_logprobs
+           of requests that asked for prompt_logprobs, and for a request verifying speculative
+           drafts (req.spec_token_ids, fed after its last token) that token's row and every draft's
 The pool is allocated here from the number of blocks the engine sized (ember/engine/config.py).
 """
 
@@ -38,6 +39,9 @@ class ModelOutput:
     sample_requests: list[Request] = field(default_factory=list)
     logits: torch.Tensor | None = None  # (len(sample_requests), vocab) float32
     prompt_logits: list[PromptLogits] = field(default_factory=list)
+    # speculative decoding: requests that verified drafts, each with (1 + drafts, vocab) logits at
+    # its last token and its drafts (not in sample_requests)
+    spec: list[tuple[Request, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -76,9 +80,13 @@ class ModelRunner:
         fresh: list[int] = []
         bs, initialized = self.block_size, self.initialized
         row = 0
+        spec_spans: list[tuple[Request, int, int]] = []
         for req, n in zip(out.requests, out.num_tokens):
             c = req.num_computed_tokens
+            drafts = req.spec_token_ids
             ids.extend(req.token_ids[c:c + n])
+            if drafts:
+                ids.extend(drafts[:c + n - req.num_tokens])
             pos.extend(range(c, c + n))
             table = kv.block_table(req.request_id)
             seqs.append((table, c, n))
@@ -91,7 +99,9 @@ class ModelRunner:
                 lo, hi = max(c, len(req.prompt_logprobs) - 1), min(c + n, req.num_prompt_tokens - 1)
                 if hi > lo:
                     prompt_spans.append((req, row + lo - c, row + hi - c, req.token_ids[lo + 1:hi + 1]))
-            if c + n == req.num_tokens:
+            if drafts and c + n == req.num_tokens + len(drafts):
+                spec_spans.append((req, row + n - 1 - len(drafts), row + n))
+            elif c + n == req.num_tokens:
                 sample_rows.append(row + n - 1)
                 result.sample_requests.append(req)
             row += n
@@ -105,6 +115,7 @@ class ModelRunner:
             h, _ = self.model.hidden(input_ids, positions, meta)
         h = h[0]  # (N, D)
         span_rows = [r for _, lo, hi, _ in prompt_spans for r in range(lo, hi)]
+        span_rows += [r for _, lo, hi in spec_spans for r in range(lo, hi)]
         if not sample_rows and not span_rows:
             return result
         rows = sample_rows + span_rows
@@ -115,5 +126,8 @@ class ModelRunner:
         at = len(sample_rows)
         for req, lo, hi, targets in prompt_spans:
             result.prompt_logits.append(PromptLogits(req, logits[at:at + hi - lo], targets))
+            at += hi - lo
+        for req, lo, hi in spec_spans:
+            result.spec.append((req, logits[at:at + hi - lo]))
             at += hi - lo
         return result

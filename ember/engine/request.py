@@ -122,6 +122,7 @@ class Request:
         self.block_hashes: list[bytes] = []  # hashes of the full blocks of token_ids, kv_cache.py
         self.fork_pending = params.n > 1 and index == 0  # the group's children are forked after prefill
         self.matcher: object | None = None  # llguidance.LLMatcher of a structured-outputs request (grammar.py)
+        self.spec_token_ids: list[int] = []  # draft tokens verified after the last token this step (spec_decode/)
 
     @property
     def num_tokens(self) -> int:

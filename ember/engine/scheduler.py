@@ -70,14 +70,20 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.spec_token_ids:  # speculative drafts after the last token (spec_decode/): budget and
+                # blocks permitting; they are dropped, never a reason to preempt anyone
+                del req.spec_token_ids[max(0, budget - n):]
+                if req.spec_token_ids and not self.kv.allocate_slots(req, n + len(req.spec_token_ids)):
+                    req.spec_token_ids = []
+                n += len(req.spec_token_ids)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()  # the newest; never one already scheduled this step
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
-            else:
-                self.kv.cache_blocks(req, req.num_computed_tokens + n)
+            else:  # blocks holding drafts are registered once the drafts are accepted tokens
+                self.kv.cache_blocks(req, min(req.num_computed_tokens + n, req.num_tokens))
                 out.requests.append(req)
                 out.num_tokens.append(n)
                 budget -= n
@@ -113,6 +119,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.spec_token_ids = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.metrics.num_preemptions += 1
