@@ -89,7 +89,12 @@ class ModelRunner:
                 ids.extend(drafts[:c + n - req.num_tokens])
             pos.extend(range(c, c + n))
             table = kv.block_table(req.request_id)
-            seqs.append((table, c, n))
+            if drafts and c == req.num_tokens - 1:
+                # Verifying drafts: each of the 1 + k positions is a decode query over the keys up to
+                # itself (the step writes all its K/V first), so decode-only steps stay one native call.
+                seqs.extend((table, p, 1) for p in range(c, c + n))
+            else:
+                seqs.append((table, c, n))
             for b in table[c // bs:(c + n - 1) // bs + 1]:
                 if not initialized[b]:
                     initialized[b] = 1
