@@ -6,12 +6,14 @@
         for out in engine.step(): ...           # RequestOutput per request that changed
 
 One step (docs/architecture.md §4):
+    SpecDecoder.propose()       with a speculative_config: drafts for running decodes (spec_decode/)
     Scheduler.schedule()        token budget, running first, prefix-cache hits, preemption
     TokenMasker.start()         masks of the constrained requests sampled this step, computed on a
                                 background thread while the forward runs (token_mask.py)
     ModelRunner.execute()       flattened forward over the paged KV cache -> logits
     fork n > 1 groups           children share the prompt's blocks, each samples its own token
     Sampler                     token masks, penalties, filters, seeded draws, logprobs
+    SpecDecoder.accept()        drafts verified by rejection sampling; rejected K/V rolled back
     append + stop checks        matcher advanced; EOS / stop_token_ids / stop strings (Detokenizer) /
                                 length / a grammar that is complete (nothing but EOS can follow)
 A request added with stream=True yields a delta output every step it changes (the async

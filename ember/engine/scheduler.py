@@ -3,8 +3,9 @@
 Each step hands every scheduled request a number of its not-yet-computed tokens:
 
     budget = max_num_batched_tokens
-    1. running requests, oldest first: 1 token for a decode, the next chunk for a prefill
-       in progress. When the pool has no block left, the NEWEST running request is preempted
+    1. running requests, oldest first: 1 token for a decode (plus its speculative drafts,
+       req.spec_token_ids, as budget and free blocks allow: drafts are dropped, never a reason to
+       preempt), the next chunk for a prefill in progress. When the pool has no block left, the NEWEST running request is preempted
        (blocks freed, back to the front of the waiting queue, recomputed later) until the
        current one fits: never a crash, never a deadlock, since one request alone always fits.
     2. then, unless someone was preempted this step, waiting requests in arrival order while

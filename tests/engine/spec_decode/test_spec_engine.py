@@ -203,3 +203,20 @@ def test_seeded_sampling_keeps_the_target_distribution(small_vocab, method, tmp_
         assert float(chisquare(obs.numpy(), exp.numpy()).pvalue) > 1e-3, (method, pos, obs, exp)
     again = llm.generate([prompt] * 4, params[:4])  # seeded: the same tokens on a rerun
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:4]]
+
+
+@pytest.mark.parametrize("family", ["mistral-sliding-window", "falcon-rw-alibi", "gemma3-interleaved"])
+def test_greedy_is_identical_across_families(family, tmp_path) -> None:
+    """Sliding windows, ALiBi (no native decode kernel) and Gemma 3's interleaved layers: each
+    verified position attends as a decode query would."""
+    from tests.hf_models import make_hf_model
+
+    make_hf_model(family, tmp_path)
+    model = ember.load_model(tmp_path)
+    prompts = _prompts(128)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, num_kv_blocks=256, block_size=8).generate(prompts, params)]
+    spec = LLM(model, speculative_config=NGRAM, num_kv_blocks=256, block_size=8)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
+    assert spec.engine.stats().spec_decode_num_draft_tokens > 0
+    _pool_whole(spec)
