@@ -220,3 +220,33 @@ def test_greedy_is_identical_across_families(family, tmp_path) -> None:
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
     assert spec.engine.stats().spec_decode_num_draft_tokens > 0
     _pool_whole(spec)
+
+
+def test_each_step_keeps_only_blocks_of_accepted_tokens(model) -> None:
+    """After every step: a running request's table covers its computed tokens (and at most the
+    next one), nothing more, and every hashed block of it is full of its real (accepted) tokens."""
+    from ember.engine.kv_cache import hash_block
+
+    llm = LLM(model, speculative_config=NGRAM, num_kv_blocks=256, block_size=4)
+    engine, kv = llm.engine, llm.engine.kv
+    for i, p in enumerate(_prompts(128)[:6]):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    rejected_steps = 0
+    while engine.has_unfinished():
+        before = engine.spec.num_draft_tokens - engine.spec.num_accepted_tokens
+        engine.step()
+        rejected_steps += engine.spec.num_draft_tokens - engine.spec.num_accepted_tokens > before
+        for req in engine.scheduler.running:
+            table = kv.block_table(req.request_id)
+            assert req.spec_token_ids == [] and req.num_computed_tokens == req.num_tokens - 1
+            # a plain decode step leaves ceil(computed / bs) blocks; a verification may keep the
+            # block where the next token goes
+            assert -(-req.num_computed_tokens // 4) <= len(table) <= -(-(req.num_computed_tokens + 1) // 4)
+            parent = b""
+            for j, b in enumerate(table):
+                if kv.block_hash[b] is not None:
+                    parent = hash_block(parent, req.token_ids[j * 4:(j + 1) * 4])
+                    assert (j + 1) * 4 <= req.num_computed_tokens and kv.block_hash[b] == parent
+        kv.check_invariants()
+    assert rejected_steps > 0
+    assert kv.num_free_blocks == kv.num_blocks
