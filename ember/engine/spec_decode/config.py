@@ -47,7 +47,8 @@ class SpeculativeConfig:
             except json.JSONDecodeError as e:
                 raise SpeculativeConfigError(f"speculative config is not JSON ({e.msg} at char {e.pos}): "
                                              "give an object such as '{\"method\": \"ngram\", "
-                                             "\"num_speculative_tokens\": 4}'") from None
+                                             "\"num_speculative_tokens\": 4}' (in a YAML config, quote "
+                                             "it as one string)") from None
         if not isinstance(value, Mapping):
             raise SpeculativeConfigError(f"speculative config must be a JSON object, got {type(value).__name__}")
         d = dict(value)
