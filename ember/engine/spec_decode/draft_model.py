@@ -30,6 +30,7 @@ class DraftModelProposer:
 
     def __init__(self, model: Transformer) -> None:
         self.model = model.eval()
+        self.device = next(model.parameters()).device  # the target's: one generator serves both
         self.states: dict[str, DraftState] = {}
 
     def retain(self, live: set[str]) -> None:
@@ -62,7 +63,7 @@ class DraftModelProposer:
         feed = token_ids[keep:]
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
-        dev = next(self.model.parameters()).device
+        dev = self.device
         for _ in range(k):
             x = torch.tensor([feed], device=dev)
             pos = torch.arange(st.cache.start, st.cache.start + len(feed), device=dev)[None]

@@ -66,7 +66,7 @@ class SpecDecoder:
                 req.spec_token_ids = self.ngram.propose(req.token_ids, k)
                 continue
             temp = 0.0 if req.params.greedy else req.params.temperature
-            gen = None if req.params.greedy else sampler.generator_for(req, torch.device("cpu"))
+            gen = None if req.params.greedy else sampler.generator_for(req, self.draft.device)
             capacity = min(self.max_model_len, req.num_prompt_tokens + req.max_tokens)
             drafts, probs = self.draft.propose(req.request_id, req.token_ids, k, capacity, temp, gen)
             req.spec_token_ids = drafts
