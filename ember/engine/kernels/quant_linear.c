@@ -365,43 +365,47 @@ static inline __attribute__((always_inline)) void matvec(const int fmt, const in
 }
 
 /* ---- a few rows (2..FEW_ROWS): speculative verification, small decode batches ------------------
- * Each weight block is decoded once and dotted with every x row, with dot_rows' operations per
- * row: the decode cost, which bounds the one-row path, is shared, so verifying k speculative
- * drafts costs little more than one decode. The results equal the one-row path's up to the
- * order the compiler picks for each sum (-fassociative-math): ~1e-6 relative. */
+ * Each weight block is decoded and scaled once (dequant_rows' values) and meets every x row in
+ * four multiply-adds: the decode cost, which bounds the one-row path, is shared, so a step
+ * verifying k speculative drafts costs about twice a plain decode step, not k + 1 times. The
+ * results equal the one-row path's up to rounding (its sums run in another order, Q4_1's offset
+ * meets the block sum of x there): ~1e-6 relative. */
 #define FEW_ROWS 8  /* x rows sharing each decoded block (acc: FEW_GROUP x FEW_ROWS vectors) */
 #define FEW_GROUP 2 /* weight rows per pass */
 
 static inline __attribute__((always_inline)) void dot_rows_few(const int fmt, const int R, const int M,
                                                                const uint8_t *w, int64_t rb, const float *x,
-                                                               const float *xsum, int64_t K, const uint8_t *pf,
-                                                               float *out) {
+                                                               int64_t K, const uint8_t *pf, float *out) {
     const int64_t bb = block_bytes(fmt), nb = K / 32;
     vf acc[FEW_GROUP][FEW_ROWS];
-    float off[FEW_GROUP][FEW_ROWS];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < M; j++) acc[r][j] = (vf){0}, off[r][j] = 0.0f;
+        for (int j = 0; j < M; j++) acc[r][j] = (vf){0};
     for (int64_t b = 0; b < nb; b++) {
+        vf q[FEW_GROUP][4];
         for (int r = 0; r < R; r++) {
             if (pf) __builtin_prefetch(pf + r * rb + b * bb, 0, 2);
-            vf q[4];
             float d, m;
-            decode(fmt, w + r * rb + b * bb, q, &d, &m);
-            for (int j = 0; j < M; j++) {
-                const vf *xb = (const vf *)(x + j * K + 32 * b);
-                const vf x0 = xb[0], x1 = xb[1], x2 = xb[2], x3 = xb[3];
-                const vf s = q[0] * x0 + q[1] * x1 + q[2] * x2 + q[3] * x3;
-                if (fmt == F_I8)
-                    acc[r][j] += s;
-                else
-                    acc[r][j] += s * d;
-                if (fmt == F_Q4_1) off[r][j] += m * xsum[j * nb + b];
+            decode(fmt, w + r * rb + b * bb, q[r], &d, &m);
+            /* the block's weights scaled once (dequant_rows' values), then four multiply-adds per x row */
+            if (fmt != F_I8)
+                for (int i = 0; i < 4; i++) q[r][i] = fmt == F_Q4_1 ? q[r][i] * d + m : q[r][i] * d;
+        }
+        for (int j = 0; j < M; j++) {
+            const vf *xb = (const vf *)(x + j * K + 32 * b);
+            const vf x0 = xb[0], x1 = xb[1], x2 = xb[2], x3 = xb[3];
+            for (int r = 0; r < R; r++) {
+                vf a = acc[r][j];
+                a += q[r][0] * x0;
+                a += q[r][1] * x1;
+                a += q[r][2] * x2;
+                a += q[r][3] * x3;
+                acc[r][j] = a;
             }
         }
     }
     for (int r = 0; r < R; r++)
         for (int j = 0; j < M; j++) {
-            float a = hsum(acc[r][j]) + off[r][j];
+            float a = hsum(acc[r][j]);
             if (fmt == F_I8)
                 for (int64_t t = nb * 32; t < K; t++) a += x[j * K + t] * (float)(int8_t)w[r * rb + t];
             out[r * FEW_ROWS + j] = a;
@@ -410,19 +414,8 @@ static inline __attribute__((always_inline)) void dot_rows_few(const int fmt, co
 
 static inline __attribute__((always_inline)) void few_rows(const int fmt, const uint8_t *W, const float *rscale,
                                                            const float *bias, const float *x, float *y,
-                                                           int64_t ldy, int64_t M, int64_t N, int64_t K,
-                                                           float *scratch) {
-    const int64_t rb = row_bytes(fmt, K), nb = K / 32, groups = (N + FEW_GROUP - 1) / FEW_GROUP;
-    float *xsum = scratch; /* Q4_1: each x row's block sums, summed as matvec sums them */
-    if (fmt == F_Q4_1) {
-#pragma omp for schedule(static)
-        for (int64_t jb = 0; jb < M * nb; jb++) {
-            const float *xb = x + (jb / nb) * K + 32 * (jb % nb);
-            float s = 0.0f;
-            for (int i = 0; i < 32; i++) s += xb[i];
-            xsum[jb] = s;
-        }
-    }
+                                                           int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    const int64_t rb = row_bytes(fmt, K), groups = (N + FEW_GROUP - 1) / FEW_GROUP;
 #pragma omp for schedule(static)
     for (int64_t gi = 0; gi < groups; gi++) {
         const int64_t n0 = gi * FEW_GROUP;
@@ -431,14 +424,14 @@ static inline __attribute__((always_inline)) void few_rows(const int fmt, const 
         const uint8_t *w = W + n0 * rb;
         const uint8_t *pf = n0 + AHEAD + FEW_GROUP <= N ? w + AHEAD * rb : 0;
         switch (R == FEW_GROUP ? M : 0) { /* a constant M keeps the accumulators in registers */
-        case 2: dot_rows_few(fmt, FEW_GROUP, 2, w, rb, x, xsum, K, pf, out); break;
-        case 3: dot_rows_few(fmt, FEW_GROUP, 3, w, rb, x, xsum, K, pf, out); break;
-        case 4: dot_rows_few(fmt, FEW_GROUP, 4, w, rb, x, xsum, K, pf, out); break;
-        case 5: dot_rows_few(fmt, FEW_GROUP, 5, w, rb, x, xsum, K, pf, out); break;
-        case 6: dot_rows_few(fmt, FEW_GROUP, 6, w, rb, x, xsum, K, pf, out); break;
-        case 7: dot_rows_few(fmt, FEW_GROUP, 7, w, rb, x, xsum, K, pf, out); break;
-        case 8: dot_rows_few(fmt, FEW_GROUP, 8, w, rb, x, xsum, K, pf, out); break;
-        default: dot_rows_few(fmt, R, (int)M, w, rb, x, xsum, K, pf, out); break;
+        case 2: dot_rows_few(fmt, FEW_GROUP, 2, w, rb, x, K, pf, out); break;
+        case 3: dot_rows_few(fmt, FEW_GROUP, 3, w, rb, x, K, pf, out); break;
+        case 4: dot_rows_few(fmt, FEW_GROUP, 4, w, rb, x, K, pf, out); break;
+        case 5: dot_rows_few(fmt, FEW_GROUP, 5, w, rb, x, K, pf, out); break;
+        case 6: dot_rows_few(fmt, FEW_GROUP, 6, w, rb, x, K, pf, out); break;
+        case 7: dot_rows_few(fmt, FEW_GROUP, 7, w, rb, x, K, pf, out); break;
+        case 8: dot_rows_few(fmt, FEW_GROUP, 8, w, rb, x, K, pf, out); break;
+        default: dot_rows_few(fmt, R, (int)M, w, rb, x, K, pf, out); break;
         }
         for (int r = 0; r < R; r++)
             for (int64_t j = 0; j < M; j++) {
@@ -499,7 +492,7 @@ static inline __attribute__((always_inline)) void qlinear(const int fmt, const i
     if (M == 1)
         matvec(fmt, int8_act && fmt != F_NF4, W, rscale, bias, x, y, N, K, scratch);
     else if (M <= FEW_ROWS)
-        few_rows(fmt, W, rscale, bias, x, y, ldy, M, N, K, scratch);
+        few_rows(fmt, W, rscale, bias, x, y, ldy, M, N, K);
     else
         tiled(fmt, W, rscale, bias, x, y, ldy, M, N, K, scratch);
 }
