@@ -1,6 +1,6 @@
 """Speculative decoding speed-up at batch 1: prompt lookup (ngram) against the plain engine, same run.
 
-    PYTHONPATH=. python bench/spec_decode.py --threads 1                 # SmolLM2-135M, ~3 min
+    PYTHONPATH=. python bench/spec_decode.py --threads 1 --rounds 3      # SmolLM2-135M, ~3 min
     PYTHONPATH=. python bench/spec_decode.py --k 3 --rounds 3 --tokens 160
     PYTHONPATH=. python bench/spec_decode.py --draft-model DIR_OR_NAME   # adds a draft-model arm
 
