@@ -15,6 +15,13 @@ a counter). Engine gauges and counters are read from `AsyncLLMEngine.stats()` at
                                                speculative decoding: verification steps with drafts,
                                                tokens drafted, drafts accepted (0 without --speculative-config)
     ember:spec_decode_draft_acceptance_rate    accepted / drafted tokens so far (0 before any draft)
+    with --kv-offload-gb (ember/engine/kv_offload.py):
+    ember:kv_offload_usage_perc                fraction of the offload tier's blocks in use
+    ember:kv_offload_stored_blocks_total{kind}     blocks copied pool -> tier: prefix (evicted
+    ember:kv_offload_restored_blocks_total{kind}   prefix-cache blocks) | swap (preempted sequences);
+                                                   restored: copied back instead of recomputed
+    ember:kv_offload_dropped_blocks_total      prefix blocks dropped from a full tier (LRU)
+    ember:kv_offload_swapped_sequences_total   preemptions served by a swap, not a recompute
 
 The server counts requests and latencies as their streams end:
 
@@ -40,7 +47,7 @@ from contextlib import aclosing
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ember.engine.engine import EngineStats
+from ember.engine.engine import EngineStats, OffloadStats
 from ember.engine.request import RequestOutput
 
 log = logging.getLogger("ember.serve")
@@ -66,7 +73,8 @@ class _EngineCollector:
                    s.spec_decode_num_accepted_tokens / max(s.spec_decode_num_draft_tokens, 1))]
         counters = [("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
                     ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hits),
-                    ("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).",
+                    ("num_preemptions",
+                     "Sequences preempted (KV blocks freed; recomputed later, or swapped to the KV offload tier).",
                      s.num_preemptions),
                     ("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total),
                     ("generation_tokens", "Tokens generated.", s.generation_tokens_total),
@@ -83,6 +91,31 @@ class _EngineCollector:
         for name, doc, value in counters:
             c = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
             c.add_metric([self.model_name], value)
+            yield c
+        if s.kv_offload is not None:
+            yield from self._offload(s.kv_offload)
+
+    def _offload(self, o: OffloadStats) -> Iterator[Metric]:
+        m = [self.model_name]
+        g = GaugeMetricFamily("ember:kv_offload_usage_perc", "Fraction of the KV offload tier's blocks in use.",
+                              labels=["model_name"])
+        g.add_metric(m, o.usage)
+        yield g
+        for name, doc, prefix, swap in [
+                ("kv_offload_stored_blocks", "KV blocks copied from the pool into the offload tier.",
+                 o.stored_prefix_blocks, o.stored_swap_blocks),
+                ("kv_offload_restored_blocks", "KV blocks copied from the offload tier back into the pool.",
+                 o.restored_prefix_blocks, o.restored_swap_blocks)]:
+            c = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name", "kind"])
+            c.add_metric(m + ["prefix"], prefix)
+            c.add_metric(m + ["swap"], swap)
+            yield c
+        for name, doc, value in [
+                ("kv_offload_dropped_blocks", "Prefix blocks dropped from a full offload tier (LRU).", o.dropped_blocks),
+                ("kv_offload_swapped_sequences", "Preempted sequences swapped to the offload tier, not recomputed.",
+                 o.swapped_sequences)]:
+            c = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
+            c.add_metric(m, value)
             yield c
 
 

@@ -24,6 +24,9 @@ REGIMES = {
     "small-chunks": dict(num_kv_blocks=256, block_size=8, max_num_batched_tokens=32, max_num_seqs=16),
     # 20 blocks x 8 tokens: the 16 requests need ~1,000 slots together
     "preemption": dict(num_kv_blocks=20, block_size=8, max_num_batched_tokens=48, max_num_seqs=16),
+    # the same, preempted sequences swapped to a KV offload tier and back instead of recomputed
+    "preemption-swap": dict(num_kv_blocks=20, block_size=8, max_num_batched_tokens=48, max_num_seqs=16,
+                            kv_offload_gb=0.01),
 }
 
 
@@ -90,8 +93,10 @@ def test_greedy_is_identical_to_the_plain_engine(model, draft_dir, expected, met
     s = llm.engine.stats()
     # both paths ran: drafts accepted, and drafts rejected (rolled back)
     assert 0 < s.spec_decode_num_accepted_tokens < s.spec_decode_num_draft_tokens, s
-    if regime == "preemption":
+    if regime.startswith("preemption"):
         assert s.num_preemptions > 0
+    if regime == "preemption-swap":
+        assert s.kv_offload.swapped_sequences > 0
     _pool_whole(llm)
 
 
@@ -250,3 +255,10 @@ def test_each_step_keeps_only_blocks_of_accepted_tokens(model) -> None:
         kv.check_invariants()
     assert rejected_steps > 0
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_parallel_engines_refuse_speculation_in_one_line() -> None:
+    from ember.engine.config import EngineConfig, EngineConfigError
+
+    with pytest.raises(EngineConfigError, match="speculative_config with tensor or pipeline parallel is not supported"):
+        EngineConfig(speculative_config=NGRAM, tensor_parallel_size=2)
