@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ember.checkpoint.registry import KNOWN_MODELS, MODEL_HELP
 from ember.engine import LLM, SamplingParams
+from ember.engine.spec_decode import SpeculativeConfig
 from ember.engine.structured_outputs import StructuredOutputsParams
 from ember.errors import EmberError
 from ember.jsonfile import read_json_object
@@ -40,6 +41,9 @@ class ChatConfig:
     kv_cache_memory: float = field(default=1.0, metadata={"help": "GiB for the KV cache"})
     int8_activations: bool = field(default=False, metadata={
         "help": "quantized models: int8 activations at batch-1 decode, as llama.cpp (faster, logits move slightly)"})
+    speculative_config: str | None = field(default=None, metadata={
+        "help": "speculative decoding, JSON as vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+                "or '{\"method\": \"draft_model\", \"model\": PATH_OR_NAME, \"num_speculative_tokens\": 4}'"})
     json_schema: Path | None = field(default=None, metadata={
         "help": "JSON schema file: every reply is JSON valid under it (constrained decoding)"})
     tensor_parallel_size: int = field(default=1, metadata={
@@ -54,13 +58,15 @@ CONFIG = ChatConfig
 
 
 def main(cfg: ChatConfig) -> None:
+    SpeculativeConfig.parse(cfg.speculative_config)  # a bad value fails before the model loads
     structured = None
     if cfg.json_schema is not None:  # read before the model loads: a bad file fails fast
         schema = read_json_object(cfg.json_schema, EmberError, "give --json-schema a JSON schema file")
         structured = StructuredOutputsParams(json=schema)
     llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, adapter=cfg.adapter, kv_cache_memory=cfg.kv_cache_memory,
-              int8_activations=cfg.int8_activations, tensor_parallel_size=cfg.tensor_parallel_size,
-              pipeline_parallel_size=cfg.pipeline_parallel_size, enable_expert_parallel=cfg.enable_expert_parallel)
+              int8_activations=cfg.int8_activations, speculative_config=cfg.speculative_config,
+              tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
+              enable_expert_parallel=cfg.enable_expert_parallel)
     engine, tok = llm.engine, llm.get_tokenizer()
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_tokens=cfg.max_tokens,
                             structured_outputs=structured)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.config import ModelConfig
+from ember.engine.spec_decode.config import SpeculativeConfig
 from ember.errors import EmberError
 
 log = logging.getLogger("ember.engine")
@@ -67,6 +68,10 @@ class EngineConfig:
     int8_activations: bool = field(default=False, metadata={
         "help": "quantized weights at batch-1 decode: round activations to int8 per 32 values and multiply in "
                 "integers, as llama.cpp does (faster; logits move by ~1e-3 relative), instead of fp32"})
+    speculative_config: str | None = field(default=None, metadata={
+        "help": "speculative decoding, JSON as vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"method\": \"draft_model\", "
+                "\"model\": PATH_OR_NAME, \"num_speculative_tokens\": 4}' (LLM(...) also takes a dict)"})
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "processes (ranks) the model is split across, Megatron-style (ember/parallel); ember spawns "
                 "them, or under torchrun joins the ones started"})
@@ -111,6 +116,10 @@ class EngineConfig:
              f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         need(not self.enable_lora or (self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1),
              "enable_lora with tensor or pipeline parallel is not supported: the adapters' layers are not sharded")
+        SpeculativeConfig.parse(self.speculative_config)  # SpeculativeConfigError: one line, before any load
+        need(self.speculative_config is None or (self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1),
+             "speculative_config with tensor or pipeline parallel is not supported: the verification step runs "
+             "on the single-process model runner")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 

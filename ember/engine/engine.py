@@ -6,6 +6,7 @@
         for out in engine.step(): ...           # RequestOutput per request that changed
 
 One step (docs/architecture.md §4):
+    SpecDecoder.propose()       with a speculative_config: drafts for running decodes (spec_decode/)
     Scheduler.schedule()        token budget, running first, prefix-cache hits, preemption
     TokenMasker.start()         masks of the constrained requests sampled this step, computed on a
                                 background thread while the forward runs (token_mask.py)
@@ -13,6 +14,7 @@ One step (docs/architecture.md §4):
                                 row's adapter slot, lora_manager.py; the base matmuls once for all)
     fork n > 1 groups           children share the prompt's blocks, each samples its own token
     Sampler                     token masks, penalties, filters, seeded draws, logprobs
+    SpecDecoder.accept()        drafts verified by rejection sampling; rejected K/V rolled back
     append + stop checks        matcher advanced; EOS / stop_token_ids / stop strings (Detokenizer) /
                                 length / a grammar that is complete (nothing but EOS can follow)
 A request added with stream=True yields a delta output every step it changes (the async
@@ -40,6 +42,8 @@ from ember.engine.request import CompletionOutput, Request, RequestMetrics, Requ
 from ember.engine.sampler import Sampler
 from ember.engine.sampling_params import SamplingParams, SamplingParamsError
 from ember.engine.scheduler import Scheduler, SchedulerOutput
+from ember.engine.spec_decode.config import SpeculativeConfig, SpeculativeConfigError
+from ember.engine.spec_decode.verify import SpecDecoder
 from ember.engine.token_mask import TokenMasker
 from ember.errors import EmberError
 from ember.model.generate import stop_token_ids
@@ -68,6 +72,9 @@ class EngineStats:
     generation_tokens_total: int
     num_requests_finished: int
     kv_offload: OffloadStats | None = None  # None without an offload tier
+    spec_decode_num_drafts: int = 0  # verification steps with drafts (speculative decoding)
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -185,12 +192,28 @@ class LLMEngine:
         self.sampler = Sampler(mcfg.vocab_size, self.eos_token_ids, cfg.seed, decode)
         self.grammars = GrammarCompiler(tokenizer, mcfg.vocab_size, sorted(self.eos_token_ids))
         self.masker = TokenMasker(mcfg.vocab_size)
+        self.spec = self._spec_decoder(SpeculativeConfig.parse(cfg.speculative_config), p)
         self.groups: dict[str, RequestGroup] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_requests_finished = 0
         log_capacity(model, blocks, cfg.block_size, self.max_model_len,
                      self.runner.kv_cache.numel() * self.runner.kv_cache.element_size(), kv_dtype)
+
+    def _spec_decoder(self, spec: SpeculativeConfig | None, p: torch.Tensor) -> SpecDecoder | None:
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft_model":
+            from ember.checkpoint.hf import load_model
+
+            draft = load_model(spec.model, dtype=str(p.dtype).removeprefix("torch."),
+                               keep_quantized=p.dtype == torch.float32).to(p.device)
+            if draft.config.vocab_size != self.model.config.vocab_size:
+                raise SpeculativeConfigError(
+                    f"draft model {spec.model} has a vocabulary of {draft.config.vocab_size} tokens, the target "
+                    f"{self.model.config.vocab_size}: a draft model must share the target's tokenizer")
+        return SpecDecoder(spec, self.max_model_len, draft)
 
     # ---- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -283,7 +306,9 @@ class LLMEngine:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage,
                            self.kv.num_blocks, self.kv.prefix_queries, self.kv.prefix_hits,
                            self.scheduler.num_preemptions, self.prompt_tokens_total,
-                           self.generation_tokens_total, self.num_requests_finished, self._offload_stats())
+                           self.generation_tokens_total, self.num_requests_finished, self._offload_stats(),
+                           *((self.spec.num_drafts, self.spec.num_draft_tokens, self.spec.num_accepted_tokens)
+                             if self.spec is not None else ()))
 
     def _offload_stats(self) -> OffloadStats | None:
         t = self.kv.offload
@@ -295,6 +320,8 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running, self.sampler)
         out = self.scheduler.schedule()
         if out.empty:
             return []
@@ -340,6 +367,17 @@ class LLMEngine:
             for req, token in zip(reqs, self.sampler(logits, reqs, row_masks)):
                 self._append(req, token, now)
                 touched[req.group_id] = self.groups[req.group_id]
+        for req, logits in result.spec:  # speculative drafts: accepted ones + one target token
+            tokens, lps = self.spec.accept(req, logits, self.sampler)
+            for i, token in enumerate(tokens):
+                if req.finished:  # EOS, a stop string or max_tokens among them: the rest is dropped
+                    break
+                if lps:
+                    req.logprobs.append(lps[i])
+                    req.cumulative_logprob += lps[i][token].logprob
+                self._append(req, token, now)
+            self.spec.rollback(req, self.kv)
+            touched[req.group_id] = self.groups[req.group_id]
         outputs = []
         for gid, group in touched.items():
             if group.finished:

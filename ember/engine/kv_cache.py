@@ -208,6 +208,25 @@ class KVCacheManager:
                 if self.block_hash[b] is None:
                     self.free_queue.move_to_end(b, last=False)
 
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Free req's blocks past the first num_tokens positions (K/V of rejected speculative drafts).
+
+        Those blocks were allocated for the drafts in the step that verified them: private, never
+        hashed (only blocks full of accepted tokens are), so they go to the front of the free queue.
+        """
+        table = self.tables.get(req.request_id)
+        if not table:
+            return
+        keep = -(-num_tokens // self.block_size)
+        while len(table) > keep:
+            b = table.pop()
+            self.ref_cnt[b] -= 1
+            if self.ref_cnt[b] == 0:
+                self.free_queue[b] = None
+                if self.block_hash[b] is None:
+                    self.free_queue.move_to_end(b, last=False)
+        self.num_hashed[req.request_id] = min(self.num_hashed.get(req.request_id, 0), len(table))
+
     def swap_out(self, req: Request) -> bool:
         """Copy req's blocks to the offload tier (before `free`); False when there is no tier or room."""
         table = self.tables.get(req.request_id)

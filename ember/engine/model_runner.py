@@ -5,7 +5,8 @@
       -> Transformer.hidden(...)                 every layer reads/writes K/V in the block pool
       -> lm_head only on the rows that need logits:
            the last token of each request that is sampled this step, and the prompt positions
-           of requests that asked for prompt_logprobs
+           of requests that asked for prompt_logprobs, and for a request verifying speculative
+           drafts (req.spec_token_ids, fed after its last token) that token's row and every draft's
 The pool is allocated here from the number of blocks the engine sized (ember/engine/config.py).
 """
 
@@ -53,6 +54,9 @@ class ModelOutput:
     sample_requests: list[Request] = field(default_factory=list)
     logits: torch.Tensor | None = None  # (len(sample_requests), vocab) float32
     prompt_logits: list[PromptLogits] = field(default_factory=list)
+    # speculative decoding: requests that verified drafts, each with (1 + drafts, vocab) logits at
+    # its last token and its drafts (not in sample_requests)
+    spec: list[tuple[Request, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -90,12 +94,21 @@ class ModelRunner:
         for src, dst in out.block_copies:  # copy-on-write targets hold data once copied
             initialized[dst] = 1
         row = 0
+        spec_spans: list[tuple[Request, int, int]] = []
         for req, n in zip(out.requests, out.num_tokens):
             c = req.num_computed_tokens
+            drafts = req.spec_token_ids
             step.ids.extend(req.token_ids[c:c + n])
+            if drafts:
+                step.ids.extend(drafts[:c + n - req.num_tokens])
             step.pos.extend(range(c, c + n))
             table = kv.block_table(req.request_id)
-            step.seqs.append((table, c, n))
+            if drafts and c == req.num_tokens - 1:
+                # Verifying drafts: each of the 1 + k positions is a decode query over the keys up to
+                # itself (the step writes all its K/V first), so decode-only steps stay one native call.
+                step.seqs.extend((table, p, 1) for p in range(c, c + n))
+            else:
+                step.seqs.append((table, c, n))
             for b in table[c // bs:(c + n - 1) // bs + 1]:
                 if not initialized[b]:
                     initialized[b] = 1
@@ -105,12 +118,15 @@ class ModelRunner:
                 lo, hi = max(c, len(req.prompt_logprobs) - 1), min(c + n, req.num_prompt_tokens - 1)
                 if hi > lo:
                     prompt_spans.append((req, row + lo - c, row + hi - c, req.token_ids[lo + 1:hi + 1]))
-            if c + n == req.num_tokens:
+            if drafts and c + n == req.num_tokens + len(drafts):
+                spec_spans.append((req, row + n - 1 - len(drafts), row + n))
+            elif c + n == req.num_tokens:
                 sample_rows.append(row + n - 1)
                 result.sample_requests.append(req)
             row += n
         step.rows = sample_rows + [r for _, lo, hi, _ in prompt_spans for r in range(lo, hi)]
-        if self.lora is not None:
+        step.rows += [r for _, lo, hi in spec_spans for r in range(lo, hi)]
+        if self.lora is not None:  # a request's rows include its drafts: they run with its adapter
             self.lora.prepare(out.requests, out.num_tokens, self.device)
         try:
             logits = self.run(step)
@@ -123,6 +139,9 @@ class ModelRunner:
         at = len(sample_rows)
         for req, lo, hi, targets in prompt_spans:
             result.prompt_logits.append(PromptLogits(req, logits[at:at + hi - lo], targets))
+            at += hi - lo
+        for req, lo, hi in spec_spans:
+            result.spec.append((req, logits[at:at + hi - lo]))
             at += hi - lo
         return result
 

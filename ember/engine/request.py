@@ -124,6 +124,7 @@ class Request:
         self.matcher: object | None = None  # llguidance.LLMatcher of a structured-outputs request (grammar.py)
         self.lora_request: object | None = None  # the LoRARequest it runs with (lora_manager.py); None: the base
         self.cache_salt = b""  # mixed into its first block's hash: prefix-cache blocks are per adapter
+        self.spec_token_ids: list[int] = []  # draft tokens verified after the last token this step (spec_decode/)
 
     @property
     def num_tokens(self) -> int:

@@ -101,23 +101,14 @@ class Sampler:
             logits = apply_token_mask(logits, masks[0], masks[1], self.eos_token_ids)
         want_lp = [r.logprobs is not None for r in reqs]
         raw = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        x = self._process(logits, reqs)
+        x = self.process(logits, reqs)
         dev = logits.device
-        temps = torch.tensor([r.params.temperature for r in reqs], device=dev)
         greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
         tokens = native.argmax_rows(x)
         if not bool(greedy.all()):
             idx = torch.nonzero(~greedy).squeeze(1)
             sub = [reqs[i] for i in idx.tolist()]
-            y = x[idx] / temps[idx, None]
-            min_p = torch.tensor([r.params.min_p for r in sub], device=dev)
-            if bool((min_p > 0).any()):
-                y = apply_min_p(y, min_p)
-            top_k = torch.tensor([r.params.top_k for r in sub], device=dev)
-            top_p = torch.tensor([r.params.top_p for r in sub], device=dev)
-            if bool((top_k > 0).any() or (top_p < 1).any()):
-                y = apply_top_k_top_p(y, top_k, top_p)
-            tokens[idx] = self._draw(torch.softmax(y, dim=-1), sub)
+            tokens[idx] = self._draw(self.filtered_probs(x[idx], sub), sub)
         out = tokens.tolist()
         if raw is not None:
             for i, req in enumerate(reqs):
@@ -126,7 +117,31 @@ class Sampler:
                     req.cumulative_logprob += req.logprobs[-1][out[i]].logprob
         return out
 
-    def _process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def filtered_probs(self, x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """The distribution a sampled row draws from: processed logits x (R, V) / temperature,
+        min_p, top_k, top_p, softmax (speculative decoding verifies drafts against it)."""
+        dev = x.device
+        temps = torch.tensor([r.params.temperature for r in reqs], device=dev)
+        y = x / temps[:, None]
+        min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
+        if bool((min_p > 0).any()):
+            y = apply_min_p(y, min_p)
+        top_k = torch.tensor([r.params.top_k for r in reqs], device=dev)
+        top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
+        if bool((top_k > 0).any() or (top_p < 1).any()):
+            y = apply_top_k_top_p(y, top_k, top_p)
+        return torch.softmax(y, dim=-1)
+
+    def generator_for(self, req: Request, device: torch.device) -> torch.Generator:
+        """A seeded request's own generator (children of an n > 1 group use seed + index, as vLLM),
+        else the engine's shared one."""
+        if req.params.seed is None:
+            return self._generator(device)
+        if req.generator is None:
+            req.generator = torch.Generator(device=device).manual_seed(req.params.seed + req.index)
+        return req.generator
+
+    def process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """logit_bias, min_tokens masks and penalties (only for rows that use them)."""
         x = logits
         for i, req in enumerate(reqs):
@@ -165,9 +180,7 @@ class Sampler:
             q[unseeded] = q[unseeded].exponential_(generator=self._generator(probs.device))
         for i, r in enumerate(reqs):
             if r.params.seed is not None:
-                if r.generator is None:  # children of an n > 1 group use seed + index (vLLM)
-                    r.generator = torch.Generator(device=probs.device).manual_seed(r.params.seed + r.index)
-                q[i].exponential_(generator=r.generator)
+                q[i].exponential_(generator=self.generator_for(r, probs.device))
         return (probs / q).argmax(dim=-1)
 
     def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], k: int) -> list[PositionLogprobs]:

@@ -3,11 +3,13 @@
 Each step hands every scheduled request a number of its not-yet-computed tokens:
 
     budget = max_num_batched_tokens
-    1. running requests, oldest first: 1 token for a decode, the next chunk for a prefill
-       in progress. When the pool has no block left, the NEWEST running request is preempted
-       (blocks freed, back to the front of the waiting queue, recomputed later; with an offload
-       tier its blocks are swapped out first and back in when it returns, see kv_offload.py) until
-       the current one fits: never a crash, never a deadlock, since one request alone always fits.
+    1. running requests, oldest first: 1 token for a decode (plus its speculative drafts,
+       req.spec_token_ids, as budget and free blocks allow: drafts are dropped, never a reason to
+       preempt), the next chunk for a prefill in progress. When the pool has no block left, the
+       NEWEST running request is preempted (blocks freed, back to the front of the waiting queue,
+       recomputed later; with an offload tier its blocks are swapped out first and back in when it
+       returns, see kv_offload.py) until the current one fits: never a crash, never a deadlock,
+       since one request alone always fits.
     2. then, unless someone was preempted this step, waiting requests in arrival order while
        budget, max_num_seqs and free blocks allow: leading blocks found in the prefix cache are
        shared (then those the offload tier holds are restored), the rest is computed (a chunk
@@ -78,14 +80,20 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.spec_token_ids:  # speculative drafts after the last token (spec_decode/): budget and
+                # blocks permitting; they are dropped, never a reason to preempt anyone
+                del req.spec_token_ids[max(0, budget - n):]
+                if req.spec_token_ids and not self.kv.allocate_slots(req, n + len(req.spec_token_ids)):
+                    req.spec_token_ids = []
+                n += len(req.spec_token_ids)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()  # the newest; never one already scheduled this step
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
-            else:
-                self.kv.cache_blocks(req, req.num_computed_tokens + n)
+            else:  # blocks holding drafts are registered once the drafts are accepted tokens
+                self.kv.cache_blocks(req, min(req.num_computed_tokens + n, req.num_tokens))
                 out.requests.append(req)
                 out.num_tokens.append(n)
                 budget -= n
@@ -135,6 +143,7 @@ class Scheduler:
         if not self.kv.swap_out(req):  # swapped out, it keeps its computed tokens
             req.num_computed_tokens = 0
         self.kv.free(req)
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1

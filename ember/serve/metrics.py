@@ -11,6 +11,10 @@ a counter). Engine gauges and counters are read from `AsyncLLMEngine.stats()` at
     ember:kv_cache_usage_perc                  fraction (0..1, as vLLM) of KV blocks held by requests
     ember:prefix_cache_queries_total / _hits_total   prompt tokens looked up / found in the prefix cache
     ember:num_preemptions_total, ember:prompt_tokens_total, ember:generation_tokens_total
+    ember:spec_decode_num_drafts_total / _num_draft_tokens_total / _num_accepted_tokens_total
+                                               speculative decoding: verification steps with drafts,
+                                               tokens drafted, drafts accepted (0 without --speculative-config)
+    ember:spec_decode_draft_acceptance_rate    accepted / drafted tokens so far (0 before any draft)
     with --kv-offload-gb (ember/engine/kv_offload.py):
     ember:kv_offload_usage_perc                fraction of the offload tier's blocks in use
     ember:kv_offload_stored_blocks_total{kind}     blocks copied pool -> tier: prefix (evicted
@@ -64,14 +68,22 @@ class _EngineCollector:
         gauges = [("num_requests_running", "Sequences running (scheduled each step).", s.num_running),
                   ("num_requests_waiting", "Sequences waiting for a running slot.", s.num_waiting),
                   ("kv_cache_usage_perc", "Fraction of KV cache blocks held by requests (1 = full).",
-                   s.kv_cache_usage)]
+                   s.kv_cache_usage),
+                  ("spec_decode_draft_acceptance_rate", "Speculative decoding: accepted / drafted tokens so far.",
+                   s.spec_decode_num_accepted_tokens / max(s.spec_decode_num_draft_tokens, 1))]
         counters = [("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
                     ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hits),
                     ("num_preemptions",
                      "Sequences preempted (KV blocks freed; recomputed later, or swapped to the KV offload tier).",
                      s.num_preemptions),
                     ("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total),
-                    ("generation_tokens", "Tokens generated.", s.generation_tokens_total)]
+                    ("generation_tokens", "Tokens generated.", s.generation_tokens_total),
+                    ("spec_decode_num_drafts", "Speculative decoding: verification steps with drafts.",
+                     s.spec_decode_num_drafts),
+                    ("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed.",
+                     s.spec_decode_num_draft_tokens),
+                    ("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
+                     s.spec_decode_num_accepted_tokens)]
         for name, doc, value in gauges:
             g = GaugeMetricFamily(f"ember:{name}", doc, labels=["model_name"])
             g.add_metric([self.model_name], value)

@@ -34,7 +34,9 @@
  *              to four vectors of eight fp32, dotted with it, and the block's sum scaled into a
  *              vector accumulator; Q4_1's offset adds m * sum(x block), the block sums of x
  *              computed once per call. Rows 8 ahead are prefetched.
- *   2+ rows    a panel of EMBER_PANEL_ROWS weight rows is dequantized into fp32 scratch (per
+ *   2-8 rows   as one row, each block decoded once and dotted with every x row (speculative
+ *              verification, small batches); fp32 activations
+ *   9+ rows    a panel of EMBER_PANEL_ROWS weight rows is dequantized into fp32 scratch (per
  *              thread, cache-resident) and multiplied with every x row by linear.c's tile kernel
  *              (x transposed once). The panel's values are exactly the reference's dequantized
  *              weights, so the results are those of the fp32 kernel on them, bit for bit.
@@ -362,6 +364,83 @@ static inline __attribute__((always_inline)) void matvec(const int fmt, const in
     }
 }
 
+/* ---- a few rows (2..FEW_ROWS): speculative verification, small decode batches ------------------
+ * Each weight block is decoded and scaled once (dequant_rows' values) and meets every x row in
+ * four multiply-adds: the decode cost, which bounds the one-row path, is shared, so a step
+ * verifying k speculative drafts costs about twice a plain decode step, not k + 1 times. The
+ * results equal the one-row path's up to rounding (its sums run in another order, Q4_1's offset
+ * meets the block sum of x there): ~1e-6 relative. */
+#define FEW_ROWS 8  /* x rows sharing each decoded block (acc: FEW_GROUP x FEW_ROWS vectors) */
+#define FEW_GROUP 2 /* weight rows per pass */
+
+static inline __attribute__((always_inline)) void dot_rows_few(const int fmt, const int R, const int M,
+                                                               const uint8_t *w, int64_t rb, const float *x,
+                                                               int64_t K, const uint8_t *pf, float *out) {
+    const int64_t bb = block_bytes(fmt), nb = K / 32;
+    vf acc[FEW_GROUP][FEW_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < M; j++) acc[r][j] = (vf){0};
+    for (int64_t b = 0; b < nb; b++) {
+        vf q[FEW_GROUP][4];
+        for (int r = 0; r < R; r++) {
+            if (pf) __builtin_prefetch(pf + r * rb + b * bb, 0, 2);
+            float d, m;
+            decode(fmt, w + r * rb + b * bb, q[r], &d, &m);
+            /* the block's weights scaled once (dequant_rows' values), then four multiply-adds per x row */
+            if (fmt != F_I8)
+                for (int i = 0; i < 4; i++) q[r][i] = fmt == F_Q4_1 ? q[r][i] * d + m : q[r][i] * d;
+        }
+        for (int j = 0; j < M; j++) {
+            const vf *xb = (const vf *)(x + j * K + 32 * b);
+            const vf x0 = xb[0], x1 = xb[1], x2 = xb[2], x3 = xb[3];
+            for (int r = 0; r < R; r++) {
+                vf a = acc[r][j];
+                a += q[r][0] * x0;
+                a += q[r][1] * x1;
+                a += q[r][2] * x2;
+                a += q[r][3] * x3;
+                acc[r][j] = a;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < M; j++) {
+            float a = hsum(acc[r][j]);
+            if (fmt == F_I8)
+                for (int64_t t = nb * 32; t < K; t++) a += x[j * K + t] * (float)(int8_t)w[r * rb + t];
+            out[r * FEW_ROWS + j] = a;
+        }
+}
+
+static inline __attribute__((always_inline)) void few_rows(const int fmt, const uint8_t *W, const float *rscale,
+                                                           const float *bias, const float *x, float *y,
+                                                           int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    const int64_t rb = row_bytes(fmt, K), groups = (N + FEW_GROUP - 1) / FEW_GROUP;
+#pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < groups; gi++) {
+        const int64_t n0 = gi * FEW_GROUP;
+        const int R = N - n0 < FEW_GROUP ? (int)(N - n0) : FEW_GROUP;
+        float out[FEW_GROUP * FEW_ROWS];
+        const uint8_t *w = W + n0 * rb;
+        const uint8_t *pf = n0 + AHEAD + FEW_GROUP <= N ? w + AHEAD * rb : 0;
+        switch (R == FEW_GROUP ? M : 0) { /* a constant M keeps the accumulators in registers */
+        case 2: dot_rows_few(fmt, FEW_GROUP, 2, w, rb, x, K, pf, out); break;
+        case 3: dot_rows_few(fmt, FEW_GROUP, 3, w, rb, x, K, pf, out); break;
+        case 4: dot_rows_few(fmt, FEW_GROUP, 4, w, rb, x, K, pf, out); break;
+        case 5: dot_rows_few(fmt, FEW_GROUP, 5, w, rb, x, K, pf, out); break;
+        case 6: dot_rows_few(fmt, FEW_GROUP, 6, w, rb, x, K, pf, out); break;
+        case 7: dot_rows_few(fmt, FEW_GROUP, 7, w, rb, x, K, pf, out); break;
+        case 8: dot_rows_few(fmt, FEW_GROUP, 8, w, rb, x, K, pf, out); break;
+        default: dot_rows_few(fmt, R, (int)M, w, rb, x, K, pf, out); break;
+        }
+        for (int r = 0; r < R; r++)
+            for (int64_t j = 0; j < M; j++) {
+                float v = fmt == F_I8 ? out[r * FEW_ROWS + j] * rscale[n0 + r] : out[r * FEW_ROWS + j];
+                y[j * ldy + n0 + r] = bias ? v + bias[n0 + r] : v;
+            }
+    }
+}
+
 /* ---- several rows --------------------------------------------------------------------------- */
 /* Rows [0, nr) of w dequantized into out (nr, K) fp32: the reference's values exactly (integer
  * times scale, or Q4_1's d * q + m with the exact product rounded once). */
@@ -412,6 +491,8 @@ static inline __attribute__((always_inline)) void qlinear(const int fmt, const i
                                                           float *scratch) {
     if (M == 1)
         matvec(fmt, int8_act && fmt != F_NF4, W, rscale, bias, x, y, N, K, scratch);
+    else if (M <= FEW_ROWS)
+        few_rows(fmt, W, rscale, bias, x, y, ldy, M, N, K);
     else
         tiled(fmt, W, rscale, bias, x, y, ldy, M, N, K, scratch);
 }
