@@ -196,3 +196,17 @@ def test_adapters_over_the_real_models_gguf_blocks(smollm2_file, tmp_path) -> No
         alone = LLM(ember.load_model(smollm2_file, keep_quantized=True, adapter=path), tok, kv_cache_memory=0.1)
         assert_same([outs[i]], alone.generate(prompts, GREEDY)[i:i + 1], tol=5e-5)
     assert_same([outs[1]], LLM(smollm2_file, kv_cache_memory=0.1).generate(prompts, GREEDY)[1:2], tol=1e-12)
+
+
+def test_adapters_with_speculative_decoding_keep_their_greedy_tokens(tiny_dir, adapters) -> None:  # noqa: F811
+    """Prompt-lookup drafts are verified with each request's adapter: the same tokens as without them."""
+    prompts = ["The for statement for statement for statement", "import os import os import"] * 2
+    which = [lora(adapters, 0), None, lora(adapters, 1), lora(adapters, 0)]
+    plain = LLM(tiny_dir, enable_lora=True, max_loras=2, max_lora_rank=8, num_kv_blocks=256)
+    spec = LLM(tiny_dir, enable_lora=True, max_loras=2, max_lora_rank=8, num_kv_blocks=256,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)  # long enough to fall into loops
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, which)]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, which)] == want
+    stats = spec.engine.stats()
+    assert stats.spec_decode_num_draft_tokens > 0 and stats.spec_decode_num_accepted_tokens > 0
