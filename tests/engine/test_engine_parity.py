@@ -16,7 +16,7 @@ from ember.model.generate import generate
 from tests.hf_models import make_hf_model
 
 LENGTHS = [1, 3, 7, 15, 16, 17, 23, 31, 32, 33, 40, 47, 55, 64, 70, 90]
-NEW = 24
+NEW = 32
 REGIMES = {
     "default": dict(),
     "no-prefix-cache": dict(enable_prefix_caching=False),
