@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ember.atomic import atomic_path
 from ember.checkpoint.falcon import falcon_name
 from ember.errors import EmberError
