@@ -14,9 +14,10 @@
    index from 5k chunks, full-text index for BM25). Timed per query: dense top-10 (store + fusion code path, query vector
    precomputed) and hybrid top-10 (dense + BM25 candidates of 50 each, RRF), against an exact
    numpy brute-force top-10 over the same vectors (the baseline: one matrix-vector product over
-   the whole matrix), timed alone over all queries first (its best case: interleaved, it starts
-   while ember's and LanceDB's threads are still busy) and then interleaved with ember's queries
-   (baseline, dense, hybrid for each query in turn), with the ANN's recall@10 against it; numpy's BLAS and threads are printed. Query embedding is timed separately (all-MiniLM-L6-v2, one query at a time).
+   the whole float32 matrix), timed alone over all queries first and then interleaved with
+   ember's queries (baseline, dense, hybrid for each query in turn), with the ANN's recall@10
+   against it; numpy's BLAS and threads are printed. Query embedding is timed separately
+   (all-MiniLM-L6-v2, one query at a time).
 Timings vary up to 2x on a shared machine; the load average is printed with the results.
 """
 
@@ -163,13 +164,16 @@ def bench_search(emb: Embedder, sizes: list[int], n_queries: int) -> None:
                   f"built in {index_s:.1f}s")
             # queries: perturbed stored vectors (a near neighbour exists), question text for BM25
             picks = rng.integers(0, n, n_queries)
-            qvecs = vecs[picks] + 0.3 * rng.standard_normal((n_queries, dim)).astype(np.float32) / np.sqrt(dim)
+            # float32 throughout: a float64 query (np.sqrt returns a float64 scalar, which numpy 2 does
+            # not demote) makes every `vecs @ qv` copy the whole matrix to float64 first (~14x slower).
+            noise = rng.standard_normal((n_queries, dim)).astype(np.float32) * np.float32(0.3 / np.sqrt(dim))
+            qvecs = vecs[picks] + noise
             qvecs /= np.linalg.norm(qvecs, axis=1, keepdims=True)
+            assert qvecs.dtype == np.float32, qvecs.dtype
             qtexts = [questions[i % len(questions)] for i in range(n_queries)]
             fixed = _FixedQuery(dim)
             retriever = Retriever(store, fixed)
-            # The baseline alone first: interleaved with ember's queries it runs slower (ember's
-            # and LanceDB's threads are still busy when it starts), which would flatter ember.
+            # The baseline alone first, then interleaved (same machine load for both sides).
             alone = []
             for qv in qvecs:
                 t0 = time.perf_counter()

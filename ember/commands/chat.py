@@ -46,14 +46,18 @@ class ChatConfig:
         "help": "quantized models: int8 activations at batch-1 decode, as llama.cpp (faster, logits move slightly)"})
     json_schema: Path | None = field(default=None, metadata={
         "help": "JSON schema file: every reply is JSON valid under it (constrained decoding)"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "split the model across this many processes (tensor parallel; ember spawns them)"})
+    pipeline_parallel_size: int = field(default=1, metadata={
+        "help": "pipeline stages (layer ranges), each its own processes"})
+    enable_expert_parallel: bool = field(default=False, metadata={
+        "help": "MoE models: whole experts per tensor-parallel rank instead of slices of each"})
     format: str = field(default="auto", metadata={
         "help": "chat: the model's chat template; qa: 'Question: ...\\nAnswer:' text for a base model; "
                 "auto: qa for a known base model (gemma3-270m), else chat"})
 
 
 FORMATS = ("auto", "chat", "qa")
-
-
 CONFIG = ChatConfig
 
 
@@ -77,7 +81,8 @@ def main(cfg: ChatConfig) -> None:
         schema = read_json_object(cfg.json_schema, EmberError, "give --json-schema a JSON schema file")
         structured = StructuredOutputsParams(json=schema)
     llm = LLM(cfg.model, cfg.tokenizer, dtype=cfg.dtype, adapter=cfg.adapter, kv_cache_memory=cfg.kv_cache_memory,
-              int8_activations=cfg.int8_activations)
+              int8_activations=cfg.int8_activations, tensor_parallel_size=cfg.tensor_parallel_size,
+              pipeline_parallel_size=cfg.pipeline_parallel_size, enable_expert_parallel=cfg.enable_expert_parallel)
     engine, tok = llm.engine, llm.get_tokenizer()
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_tokens=cfg.max_tokens,
                             structured_outputs=structured, stop=["\n"] if qa else None)

@@ -11,6 +11,8 @@ the adapter is saved in PEFT format to <out>/adapter. Also the quickstart's dpo 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ember.commands.finetune import quickstart_tuning
 from ember.train.dpo import DPOConfig, dpo
 
@@ -29,13 +31,20 @@ def main(cfg: DPOConfig) -> None:
 CONFIG = DPOConfig
 
 
+def quickstart_dpo_config(state, out: Path, seed: int | None = None, merged: bool = True) -> DPOConfig:
+    """The quickstart's DPO run on its pydoc preference pairs (also bench/dpo_pydoc.py's, per seed)."""
+    t = quickstart_tuning(state)
+    settings = {**t["settings"], "merged": merged}
+    if seed is not None:
+        settings["seed"] = seed
+    return DPOConfig(base=state.model_dir, data=t["sets"]["dpo_train"], val_data=t["sets"]["dpo_val"], out=out,
+                     lr=1.5e-3, beta=0.1, max_steps=3 if state.cfg.fast else 300, **settings)
+
+
 def stage_dpo(state) -> None:
     """Quickstart stage: DPO with LoRA on the pydoc preference pairs; the merged model becomes the latest."""
     assert state.model_dir is not None, "the finetune stage has not run"
-    t = quickstart_tuning(state)
-    result = dpo(DPOConfig(base=state.model_dir, data=t["sets"]["dpo_train"], val_data=t["sets"]["dpo_val"],
-                           out=state.cfg.out / "dpo", lr=1.5e-3, beta=0.1, max_steps=3 if state.cfg.fast else 300,
-                           **t["settings"]))
+    result = dpo(quickstart_dpo_config(state, state.cfg.out / "dpo"))
     state.model_dir, state.model_label = result.outputs["model"], "dpo"
     state.measure("dpo", state.model_dir)
     print(f"  held-out reward accuracy {result.val_before['val_accuracy']:.2f} -> "

@@ -53,7 +53,7 @@ from ember.commands.finetune import stage_finetune, stage_real_finetune
 from ember.commands.quantize import stage_quantize, stage_real_quantize
 from ember.commands.rag import RAG_QUESTION, stage_real_rag
 from ember.commands.serve import stage_serve
-from ember.config import preset
+from ember.config import ConfigError, preset
 from ember.data.sources import bundled_documents
 from ember.eval.report import HeldOut, HeldOutRow
 from ember.model.transformer import Transformer
@@ -69,6 +69,8 @@ class QuickstartConfig:
     out: Path = field(default=Path("runs/quickstart"), metadata={"help": "folder for every artifact"})
     fast: bool = field(default=False, metadata={"help": "tiny model and data (a smoke test in seconds)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    pretrain_steps: int = field(default=150, metadata={
+        "help": "pretraining steps of 16 x 128 tokens for the from-scratch model (--fast: 25)"})
     real_model: str = field(default="smollm2-135m-instruct", metadata={
         "help": "the real pretrained model of the later stages: smollm2-135m-instruct or gemma3-270m"})
 
@@ -176,12 +178,12 @@ def stage_pretrain(state: QuickstartState) -> None:
     from ember.train.pretrain import PretrainConfig, pretrain
 
     fast = state.cfg.fast
-    # Full run: 150 steps of 16 x 128 tokens (~0.3M tokens, ~3 minutes on two idle cores);
+    # Full run: 150 steps of 16 x 128 tokens by default (~0.3M tokens, ~3 minutes on two idle cores);
     # fast: a tiny model for seconds.
     cfg = PretrainConfig(out=state.cfg.out / "pretrain-run", model=str(state.model_dir),
                          tokenizer=state.tokenizer_dir, data=["bundled"], code_bytes=200_000 if fast else 4_000_000,
                          seq_len=64 if fast else 128, batch_size=8 if fast else 16, micro_batch_size=8 if fast else 16,
-                         max_steps=25 if fast else 150, warmup_steps=3 if fast else 10, lr=1e-2 if fast else 3e-3,
+                         max_steps=25 if fast else state.cfg.pretrain_steps, warmup_steps=3 if fast else 10, lr=1e-2 if fast else 3e-3,
                          eval_every=0 if fast else 50, save_every=0 if fast else 50, val_sequences=8 if fast else 24,
                          val_fraction=0.05, seed=state.cfg.seed, progress=not fast,
                          final_model=state.cfg.out / "pretrained")
@@ -259,6 +261,8 @@ STAGES: list[tuple[str, Callable[[QuickstartState], None]]] = [
 def main(cfg: QuickstartConfig) -> QuickstartState:
     if cfg.real_model not in KNOWN_MODELS:
         raise ModelNotFoundError(f"unknown --real-model {cfg.real_model!r}; choose one of {', '.join(KNOWN_MODELS)}")
+    if cfg.pretrain_steps < 1:
+        raise ConfigError(f"--pretrain-steps must be at least 1, got {cfg.pretrain_steps}")
     state = QuickstartState(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

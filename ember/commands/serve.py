@@ -7,6 +7,7 @@
     ember serve --model DIR --rag-index runs/idx          # chat answers grounded in an `ember rag` index
     ember serve --model runs/quickstart/pretrained --adapter runs/quickstart/finetune/adapter   # + a LoRA adapter
     ember serve --model DIR --tool-call-parser hermes        # how tool calls are read from replies
+    ember serve --model DIR --replicas 2 --replica-cpus 1    # two engines behind one port (Ray Serve)
 
 Routes: /v1/completions, /v1/chat/completions (streaming with `"stream": true`), /v1/models,
 /tokenize, /detokenize, /health, /metrics (Prometheus), and a chat page at / (--no-ui: none). It binds to 127.0.0.1 unless --host
@@ -16,6 +17,8 @@ waiting get HTTP 429. SIGTERM (or Ctrl-C) drains the requests in flight for at m
 --rag-index, chat completions are grounded in the index (unless a request sends "rag": false)
 and list their sources in the response. Chat `tools` / `tool_choice` and `response_format` (json_object,
 json_schema) work as OpenAI's; the structured-outputs fields need llguidance (`ember[structured]`).
+With --replicas N (or --min-replicas/--max-replicas) the engine runs as N Ray Serve replicas behind
+one port, requests routed by prompt prefix (ember/serve/ray.py; `pip install 'ember[ray]'`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +36,7 @@ import torch
 from ember.checkpoint.registry import MODEL_HELP, resolve_model_path
 from ember.engine.config import EngineConfig
 from ember.errors import EmberError
+from ember.commands.serve_replicas import ReplicaFlags
 
 log = logging.getLogger("ember.serve")
 
@@ -41,7 +46,7 @@ class ServeConfigError(EmberError):
 
 
 @dataclass
-class ServeConfig(EngineConfig):
+class ServeConfig(ReplicaFlags, EngineConfig):
     """Serve a model folder over the OpenAI API (every engine setting is a flag too)."""
 
     model: Path = field(kw_only=True, metadata={"help": MODEL_HELP})
@@ -89,6 +94,7 @@ class ServeConfig(EngineConfig):
             raise ServeConfigError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
         if self.rag_k < 1 or self.rag_max_tokens < 1:
             raise ServeConfigError("--rag-k and --rag-max-tokens must be >= 1")
+        self.check_replicas(self.max_num_seqs)
 
 
 CONFIG = ServeConfig
@@ -138,6 +144,13 @@ def build(cfg: ServeConfig):
 def main(cfg: ServeConfig) -> None:
     from ember.serve.server import serve
 
+    if cfg.on_ray:  # --replicas / --min-replicas: the engine on Ray Serve replicas (serve/ray.py)
+        if cfg.world_size > 1:
+            raise ServeConfigError("--replicas runs one-process engines on Ray Serve: drop --tensor-parallel-size / "
+                                   "--pipeline-parallel-size there, or serve one parallel engine without --replicas")
+        from ember.serve.ray import run_fleet
+
+        return run_fleet(cfg)
     app = build(cfg)
     serving = app.state.serving
     log.info("serving %s as %r on http://%s:%d/v1 (max_model_len %d, %d running + %d queued requests)",
@@ -145,7 +158,19 @@ def main(cfg: ServeConfig) -> None:
              cfg.max_num_seqs, cfg.max_queue_len)
     if cfg.ui:
         log.info("chat page: http://%s:%d/", cfg.host, cfg.port)
+    failure: list[str] = []
+    runner = serving.engine.engine.runner
+    if hasattr(runner, "on_failure"):  # a parallel engine: a dead rank takes the server down (drained)
+        def down(message: str) -> None:
+            failure.append(message)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        runner.on_failure = down
     serve(app, host=cfg.host, port=cfg.port, drain_timeout=cfg.drain_timeout, access_log=cfg.access_log)
+    if failure:
+        from ember.parallel import ParallelError
+
+        raise ParallelError(f"the server stopped: {failure[0]}")
 
 
 def stage_serve(state) -> None:

@@ -112,6 +112,7 @@ class AsyncLLMEngine:
                 pass
             self._task = None
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        self.engine.close()  # a parallel engine's worker ranks stop with it
         self.errored = EngineDeadError("the engine was shut down")
         self._fail_all(self.errored)
 

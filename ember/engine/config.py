@@ -6,6 +6,7 @@ The pool stores `kv_cache_dtype` elements (default: the model's dtype; float16 o
 an fp32 model's cache and the bytes decode attention reads, rounding K and V to 11 or 8
 significant bits). It gets `kv_cache_memory` GiB on a CPU, or `gpu_memory_utilization` of the device memory
 still free after the weights are loaded on a GPU (or exactly `num_kv_blocks`, for tests).
+`kv_offload_gb` adds a second tier behind the pool (ember/engine/kv_offload.py).
 `ember serve` and `LLM(...)` both take these fields.
 """
 
@@ -51,9 +52,25 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "seed of the sampler for unseeded requests"})
     kv_cache_dtype: str = field(
         default="auto", metadata={"help": "KV cache element type: auto (the model's), float32, float16 or bfloat16"})
+    kv_offload_gb: float = field(default=0.0, metadata={
+        "help": "GiB of a second KV tier (0 = off): prefix blocks evicted from the pool and preempted "
+                "sequences are copied there and restored instead of recomputed; an mmap'd file on a CPU, "
+                "pinned host memory on a GPU"})
+    kv_offload_dir: str | None = field(default=None, metadata={
+        "help": "directory of the offload tier's file (default: a temporary one; the file is unlinked once mapped)"})
     int8_activations: bool = field(default=False, metadata={
         "help": "quantized weights at batch-1 decode: round activations to int8 per 32 values and multiply in "
                 "integers, as llama.cpp does (faster; logits move by ~1e-3 relative), instead of fp32"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "processes (ranks) the model is split across, Megatron-style (ember/parallel); ember spawns "
+                "them, or under torchrun joins the ones started"})
+    pipeline_parallel_size: int = field(default=1, metadata={
+        "help": "pipeline stages (contiguous layer ranges, each on tensor_parallel_size ranks); micro-batches "
+                "of each step keep the stages busy together"})
+    enable_expert_parallel: bool = field(default=False, metadata={
+        "help": "MoE models: split whole experts across the tensor-parallel ranks instead of each expert"})
+    distributed_timeout: float = field(default=120.0, metadata={
+        "help": "seconds a parallel collective may wait for a rank before the engine fails"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -70,8 +87,25 @@ class EngineConfig:
              f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
              f"({self.max_num_seqs}) so every running sequence can decode each step")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
+        need(self.kv_offload_gb >= 0, f"kv_offload_gb must be >= 0 GiB, got {self.kv_offload_gb}")
+        need(self.kv_offload_dir is None or self.kv_offload_gb > 0,
+             "kv_offload_dir is set but kv_offload_gb is 0: give the tier a size with --kv-offload-gb")
+        need(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        need(self.pipeline_parallel_size >= 1,
+             f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        need(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
+             "enable_expert_parallel splits experts across tensor-parallel ranks: set tensor_parallel_size > 1")
+        need(self.distributed_timeout > 0, f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")
+        need(self.kv_offload_gb == 0 or (self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1),
+             "kv_offload_gb with tensor or pipeline parallel is not supported: the tier copies one "
+             "process's KV pool, and each rank holds its own")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the engine: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV pool's element type for a model computing in `model_dtype`."""

@@ -21,6 +21,7 @@ engine's streams); otherwise one cumulative output when it finishes (LLM.generat
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from ember.engine.config import EngineConfig, EngineConfigError, log_capacity, n
 from ember.engine.detokenizer import Detokenizer
 from ember.engine.grammar import GrammarCompiler
 from ember.engine.kv_cache import KVCacheManager
+from ember.engine.kv_offload import KVOffloadTier
 from ember.engine.model_runner import ModelRunner
 from ember.engine.request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
 from ember.engine.sampler import Sampler
@@ -40,6 +42,8 @@ from ember.errors import EmberError
 from ember.model.generate import stop_token_ids
 from ember.model.transformer import Transformer
 from ember.tokenizer import Tokenizer
+
+log = logging.getLogger("ember.engine")
 
 
 class RequestError(EmberError):
@@ -60,6 +64,21 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_requests_finished: int
+    kv_offload: OffloadStats | None = None  # None without an offload tier
+
+
+@dataclass
+class OffloadStats:
+    """Counters of the KV offload tier (blocks, not tokens)."""
+
+    usage: float  # fraction of the tier's slots holding a block
+    num_slots: int
+    stored_prefix_blocks: int  # evicted prefix-cache blocks copied in
+    stored_swap_blocks: int  # blocks of preempted sequences copied in
+    restored_prefix_blocks: int  # prefix hits copied back into the pool
+    restored_swap_blocks: int  # swapped sequences' blocks copied back
+    dropped_blocks: int  # prefix blocks dropped from a full tier (LRU)
+    swapped_sequences: int  # preemptions that swapped instead of recomputing
 
 
 class RequestGroup:
@@ -127,6 +146,11 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
+        group = None
+        if cfg.world_size > 1:  # rank 0's model becomes its shard (ember/parallel)
+            from ember.parallel.runner import start_parallel
+
+            group = start_parallel(model, cfg)
         mcfg = model.config
         p = next(model.parameters())
         kv_dtype = cfg.cache_dtype(p.dtype)
@@ -138,7 +162,17 @@ class LLMEngine:
                 f"without chunked prefill, max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= "
                 f"max_model_len ({self.max_model_len}) so every prompt fits one step")
         self.kv = KVCacheManager(blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations)
+        if group is None:
+            self.runner = ModelRunner(model, blocks, cfg.block_size, kv_dtype, cfg.int8_activations)
+        else:
+            from ember.parallel.runner import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(group, model, blocks, cfg.block_size, kv_dtype,
+                                              cfg.int8_activations, cfg.distributed_timeout)
+        if cfg.kv_offload_gb > 0:
+            self.kv.offload = KVOffloadTier.sized(self.runner.kv_cache, self.runner.initialized,
+                                                  cfg.kv_offload_gb, cfg.kv_offload_dir)
+            log.info("KV offload tier: %d blocks in %s", self.kv.offload.num_slots, self.kv.offload.where)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
         self.eos_token_ids = stop_token_ids(mcfg, tokenizer.eos_token_id if tokenizer else None)
         decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
@@ -214,6 +248,12 @@ class LLMEngine:
         self.num_requests_finished += 1
         return group.output()
 
+    def close(self) -> None:
+        """Release what outlives the engine object: a parallel engine's worker ranks."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 
@@ -221,7 +261,15 @@ class LLMEngine:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage,
                            self.kv.num_blocks, self.kv.prefix_queries, self.kv.prefix_hits,
                            self.scheduler.num_preemptions, self.prompt_tokens_total,
-                           self.generation_tokens_total, self.num_requests_finished)
+                           self.generation_tokens_total, self.num_requests_finished, self._offload_stats())
+
+    def _offload_stats(self) -> OffloadStats | None:
+        t = self.kv.offload
+        if t is None:
+            return None
+        return OffloadStats(t.usage, t.num_slots, t.stored_prefix_blocks, t.stored_swap_blocks,
+                            t.restored_prefix_blocks, t.restored_swap_blocks, t.dropped_blocks,
+                            t.swapped_sequences)
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

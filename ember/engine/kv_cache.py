@@ -16,6 +16,10 @@ blocks are freed tail first so that shared prefixes outlive their suffixes.
 Copy-on-write: a forked request shares its parent's partially filled last block; the first
 write into a shared partial block allocates a private one and queues a (src, dst) copy that
 the model runner performs before the next forward.
+
+Offload (ember/engine/kv_offload.py, when `offload` is set): a hashed block the allocator evicts
+is spilled to the tier first, `offloaded_prefix` finds the blocks a prompt can restore from it
+after the pool's hits end, and `swap_out` / `swap_in` move a preempted request's whole table.
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ember.engine.request import Request
+
+if TYPE_CHECKING:
+    from ember.engine.kv_offload import KVOffloadTier
 
 
 def hash_block(parent: bytes, tokens: list[int]) -> bytes:
@@ -50,6 +59,7 @@ class KVCacheManager:
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
+        self.offload: KVOffloadTier | None = None  # set by the engine when kv_offload_gb > 0
 
     # ---- queries ------------------------------------------------------------------------------
     @property
@@ -84,20 +94,33 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
+    def offloaded_prefix(self, req: Request, num_pool_hits: int) -> list[bytes]:
+        """Hashes of the blocks after req's pool hits that the offload tier can restore, in order."""
+        if self.offload is None or not self.enable_prefix_caching or req.prompt_logprobs is not None:
+            return []
+        found: list[bytes] = []
+        for h in req.block_hashes[num_pool_hits:(req.num_tokens - 1) // self.block_size]:
+            if h not in self.offload or h in self.cached:
+                break
+            found.append(h)
+        return found
+
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
 
     # ---- allocation ---------------------------------------------------------------------------
-    def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
-        """Make req's table cover its computed tokens + computed_blocks + num_new_tokens.
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = (),
+                       restore: Sequence[bytes] = ()) -> bool:
+        """Make req's table cover its computed tokens + computed_blocks + restore + num_new_tokens.
 
-        computed_blocks (prefix-cache hits, only for a request without a table) are shared.
+        computed_blocks (prefix-cache hits, only for a request without a table) are shared;
+        restore (hashes from `offloaded_prefix`) get new blocks filled from the offload tier.
         Returns False, changing nothing, when the pool has too few free blocks.
         """
         table = self.tables.get(req.request_id, [])
         bs = self.block_size
-        total = req.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
+        total = req.num_computed_tokens + (len(computed_blocks) + len(restore)) * bs + num_new_tokens
         new = -(-total // bs) - len(table) - len(computed_blocks)
         # The first block written this step must be private (a fork may share it).
         write_idx = req.num_computed_tokens // bs
@@ -116,16 +139,25 @@ class KVCacheManager:
             self.ref_cnt[src] -= 1
             table[write_idx] = self._take()
             self.pending_copies.append((src, table[write_idx]))
+        slots = self.offload.pin(restore) if restore else []  # taking blocks below may spill into the tier
         for _ in range(new):
             table.append(self._take())
+        if restore:
+            blocks = table[len(table) - new:len(table) - new + len(restore)]
+            self.offload.restore(restore, slots, blocks)
+            for b, h in zip(blocks, restore):
+                self.block_hash[b] = h
+                self.cached[h] = b
         return True
 
     def _take(self) -> int:
         block, _ = self.free_queue.popitem(last=False)
         h = self.block_hash[block]
-        if h is not None:  # evict: the cached prefix ending here is gone
+        if h is not None:  # evict: the cached prefix ending here leaves the pool
             if self.cached.get(h) == block:
                 del self.cached[h]
+                if self.offload is not None:
+                    self.offload.spill(block, h)
             self.block_hash[block] = None
         self.ref_cnt[block] = 1
         return block
@@ -175,6 +207,15 @@ class KVCacheManager:
                 if self.block_hash[b] is None:
                     self.free_queue.move_to_end(b, last=False)
 
+    def swap_out(self, req: Request) -> bool:
+        """Copy req's blocks to the offload tier (before `free`); False when there is no tier or room."""
+        table = self.tables.get(req.request_id)
+        return bool(table) and self.offload is not None and self.offload.swap_out(req.request_id, table)
+
+    def swap_in(self, req: Request) -> None:
+        """Fill the table just allocated for a swapped request from the tier."""
+        self.offload.swap_in(req.request_id, self.tables[req.request_id])
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
@@ -193,3 +234,5 @@ class KVCacheManager:
         for h, b in self.cached.items():
             assert self.block_hash[b] == h, "a cached hash points to a block with another hash"
         assert len(self.cached) == sum(h is not None for h in self.block_hash), "hashed blocks not in the cache map"
+        if self.offload is not None:
+            self.offload.check_invariants()

@@ -61,6 +61,16 @@ class LLM:
         self.engine = LLMEngine(module, tokenizer, EngineConfig(**engine_config))
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop a parallel engine's worker ranks (LLM(tensor_parallel_size=N)); no-op otherwise."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 

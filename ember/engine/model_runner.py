@@ -34,6 +34,20 @@ class PromptLogits:
 
 
 @dataclass
+class StepInputs:
+    """What one forward needs, host-side: block copies, the flattened tokens and positions, each
+    sequence's (block table, computed tokens, new tokens), blocks written for the first time
+    (zeroed first) and the rows that need logits."""
+
+    block_copies: list[tuple[int, int]]
+    ids: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    seqs: list[tuple[list[int], int, int]] = field(default_factory=list)
+    fresh: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+
+@dataclass
 class ModelOutput:
     sample_requests: list[Request] = field(default_factory=list)
     logits: torch.Tensor | None = None  # (len(sample_requests), vocab) float32
@@ -64,28 +78,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> ModelOutput:
-        for src, dst in out.block_copies:  # copy-on-write of blocks shared by a fork
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-            self.initialized[dst] = 1
-        ids: list[int] = []
-        pos: list[int] = []
-        seqs: list[tuple[list[int], int, int]] = []
+        bs = self.block_size
+        step = StepInputs(list(out.block_copies))
         result = ModelOutput()
         sample_rows: list[int] = []
         prompt_spans: list[tuple[Request, int, int, list[int]]] = []
-        fresh: list[int] = []
-        bs, initialized = self.block_size, self.initialized
+        initialized = self.initialized
+        for src, dst in out.block_copies:  # copy-on-write targets hold data once copied
+            initialized[dst] = 1
         row = 0
         for req, n in zip(out.requests, out.num_tokens):
             c = req.num_computed_tokens
-            ids.extend(req.token_ids[c:c + n])
-            pos.extend(range(c, c + n))
+            step.ids.extend(req.token_ids[c:c + n])
+            step.pos.extend(range(c, c + n))
             table = kv.block_table(req.request_id)
-            seqs.append((table, c, n))
+            step.seqs.append((table, c, n))
             for b in table[c // bs:(c + n - 1) // bs + 1]:
                 if not initialized[b]:
                     initialized[b] = 1
-                    fresh.append(b)
+                    step.fresh.append(b)
             if req.prompt_logprobs is not None:
                 # Position p predicts token p + 1; prompt_logprobs already covers tokens < len().
                 lo, hi = max(c, len(req.prompt_logprobs) - 1), min(c + n, req.num_prompt_tokens - 1)
@@ -95,25 +106,41 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
                 result.sample_requests.append(req)
             row += n
-        input_ids = torch.tensor([ids], device=self.device)
-        positions = torch.tensor([pos], device=self.device)
-        meta = AttnMetadata.build(self.kv_cache, self.block_size, seqs, self.workspace)
-        if fresh:
-            self.kv_cache[:, :, torch.tensor(fresh, device=self.device)] = 0
-        h = self.stack.hidden(input_ids, positions, meta)  # decode-only steps, when it can: one native call
-        if h is None:
-            h, _ = self.model.hidden(input_ids, positions, meta)
-        h = h[0]  # (N, D)
-        span_rows = [r for _, lo, hi, _ in prompt_spans for r in range(lo, hi)]
-        if not sample_rows and not span_rows:
+        step.rows = sample_rows + [r for _, lo, hi, _ in prompt_spans for r in range(lo, hi)]
+        logits = self.run(step)
+        if logits is None:
             return result
-        rows = sample_rows + span_rows
-        if rows != list(range(h.shape[0])):  # (a decode-only step samples every row, in order)
-            h = h[torch.tensor(rows, device=self.device)]
-        logits = self.model.logits(h).float()
         result.logits = logits[:len(sample_rows)]
         at = len(sample_rows)
         for req, lo, hi, targets in prompt_spans:
             result.prompt_logits.append(PromptLogits(req, logits[at:at + hi - lo], targets))
             at += hi - lo
         return result
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> torch.Tensor | None:
+        """The step's forward on this runner's model and pool: fp32 logits (len(step.rows), vocab),
+        or None when no row needs them. Every rank of a parallel engine runs this with the same
+        step (ember/parallel/runner.py)."""
+        self.prepare(step)
+        input_ids = torch.tensor([step.ids], device=self.device)
+        positions = torch.tensor([step.pos], device=self.device)
+        meta = AttnMetadata.build(self.kv_cache, self.block_size, step.seqs, self.workspace)
+        h = self.stack.hidden(input_ids, positions, meta)  # decode-only steps, when it can: one native call
+        if h is None:
+            h, _ = self.model.hidden(input_ids, positions, meta)
+        h = h[0]  # (N, D)
+        rows = step.rows
+        if not rows:
+            return None
+        if rows != list(range(h.shape[0])):  # (a decode-only step samples every row, in order)
+            h = h[torch.tensor(rows, device=self.device)]
+        return self.model.logits(h).float()
+
+    def prepare(self, step: StepInputs) -> None:
+        """The step's block-pool changes before any layer writes: copies of forked blocks, and
+        zeros in blocks used for the first time."""
+        for src, dst in step.block_copies:  # copy-on-write of blocks shared by a fork
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        if step.fresh:
+            self.kv_cache[:, :, torch.tensor(step.fresh, device=self.device)] = 0

@@ -5,12 +5,14 @@ Each step hands every scheduled request a number of its not-yet-computed tokens:
     budget = max_num_batched_tokens
     1. running requests, oldest first: 1 token for a decode, the next chunk for a prefill
        in progress. When the pool has no block left, the NEWEST running request is preempted
-       (blocks freed, back to the front of the waiting queue, recomputed later) until the
-       current one fits: never a crash, never a deadlock, since one request alone always fits.
+       (blocks freed, back to the front of the waiting queue, recomputed later; with an offload
+       tier its blocks are swapped out first and back in when it returns, see kv_offload.py) until
+       the current one fits: never a crash, never a deadlock, since one request alone always fits.
     2. then, unless someone was preempted this step, waiting requests in arrival order while
        budget, max_num_seqs and free blocks allow: leading blocks found in the prefix cache are
-       shared, the rest is computed (a chunk of at most the remaining budget when chunked
-       prefill is on, otherwise the whole prompt or nothing).
+       shared (then those the offload tier holds are restored), the rest is computed (a chunk
+       of at most the remaining budget when chunked prefill is on, otherwise the whole prompt
+       or nothing).
 
 A request is sampled in a step when that step computes its last known token (a decode, or
 the final chunk of its prompt). Nothing here touches tensors; see kv_cache.py for the blocks.
@@ -87,17 +89,24 @@ class Scheduler:
             seqs = req.params.n if req.fork_pending else 1
             if len(self.running) + seqs > self.max_num_seqs and self.running:
                 break
-            computed = self.kv.get_computed_blocks(req)
-            num_cached = len(computed) * self.kv.block_size
+            swapped = self.kv.offload is not None and self.kv.offload.is_swapped(req.request_id)
+            if swapped:  # preempted into the offload tier: its computed tokens come back as they were
+                computed, restore, num_cached = [], [], req.num_computed_tokens
+            else:
+                computed = self.kv.get_computed_blocks(req)
+                restore = self.kv.offloaded_prefix(req, len(computed))
+                num_cached = (len(computed) + len(restore)) * self.kv.block_size
             n = req.num_tokens - num_cached
             if n > budget:
                 if not self.enable_chunked_prefill:
                     break
                 n = budget
-            if not self.kv.allocate_slots(req, n, computed):
+            if not self.kv.allocate_slots(req, n, computed, restore):
                 break
             self.waiting.popleft()
-            if self.kv.enable_prefix_caching:
+            if swapped:
+                self.kv.swap_in(req)
+            elif self.kv.enable_prefix_caching:
                 self.kv.record_lookup(req.num_tokens, num_cached)
             req.num_computed_tokens = num_cached
             self.kv.cache_blocks(req, num_cached + n)
@@ -112,8 +121,9 @@ class Scheduler:
         return out
 
     def _preempt(self, req: Request) -> None:
+        if not self.kv.swap_out(req):  # swapped out, it keeps its computed tokens
+            req.num_computed_tokens = 0
         self.kv.free(req)
-        req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -136,3 +146,5 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = status
         self.kv.free(req)
+        if self.kv.offload is not None:
+            self.kv.offload.discard(req.request_id)

@@ -38,10 +38,14 @@ class AttnSpec:
     sliding_window: int | None
     alibi: bool
     alibi_scale: float = 1.0  # slopes multiplied by this (Falcon: 1/sqrt(head_dim))
+    # A tensor-parallel shard holds heads [head_offset, head_offset + num_heads) of total_heads.
+    head_offset: int = 0
+    total_heads: int | None = None
 
     def alibi_slopes(self, device: torch.device | None = None) -> torch.Tensor:
         """This layer's per-head ALiBi slopes (H,) in fp32."""
-        slopes = alibi_slopes(self.num_heads, device)
+        slopes = alibi_slopes(self.total_heads or self.num_heads, device)
+        slopes = slopes[self.head_offset:self.head_offset + self.num_heads]
         return slopes if self.alibi_scale == 1.0 else slopes * self.alibi_scale
 
 

@@ -11,7 +11,8 @@ streaming.py (SSE, disconnects), metrics.py (Prometheus), middleware.py (API key
 errors.py (OpenAI error bodies), app.py (routes), server.py (uvicorn, SIGTERM drain),
 loadgen.py (`ember bench serve`), structured.py (response_format / guided_* -> a constraint),
 tools.py + tool_parsers.py (tool calling), openapi.py + responses.py (/openapi.json), webui.py + ui/
-(the chat page at /).
+(the chat page at /), ray.py + ray_router.py + prefix_routing.py + asgi_call.py + fleet_metrics.py
+(replicas on Ray Serve, imported only when used: `pip install 'ember[ray]'`).
 """
 
 from ember.serve.app import build_app, create_app

@@ -11,6 +11,13 @@ a counter). Engine gauges and counters are read from `AsyncLLMEngine.stats()` at
     ember:kv_cache_usage_perc                  fraction (0..1, as vLLM) of KV blocks held by requests
     ember:prefix_cache_queries_total / _hits_total   prompt tokens looked up / found in the prefix cache
     ember:num_preemptions_total, ember:prompt_tokens_total, ember:generation_tokens_total
+    with --kv-offload-gb (ember/engine/kv_offload.py):
+    ember:kv_offload_usage_perc                fraction of the offload tier's blocks in use
+    ember:kv_offload_stored_blocks_total{kind}     blocks copied pool -> tier: prefix (evicted
+    ember:kv_offload_restored_blocks_total{kind}   prefix-cache blocks) | swap (preempted sequences);
+                                                   restored: copied back instead of recomputed
+    ember:kv_offload_dropped_blocks_total      prefix blocks dropped from a full tier (LRU)
+    ember:kv_offload_swapped_sequences_total   preemptions served by a swap, not a recompute
 
 The server counts requests and latencies as their streams end:
 
@@ -36,7 +43,7 @@ from contextlib import aclosing
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ember.engine.engine import EngineStats
+from ember.engine.engine import EngineStats, OffloadStats
 from ember.engine.request import RequestOutput
 
 log = logging.getLogger("ember.serve")
@@ -60,7 +67,8 @@ class _EngineCollector:
                    s.kv_cache_usage)]
         counters = [("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
                     ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hits),
-                    ("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).",
+                    ("num_preemptions",
+                     "Sequences preempted (KV blocks freed; recomputed later, or swapped to the KV offload tier).",
                      s.num_preemptions),
                     ("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total),
                     ("generation_tokens", "Tokens generated.", s.generation_tokens_total)]
@@ -71,6 +79,31 @@ class _EngineCollector:
         for name, doc, value in counters:
             c = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
             c.add_metric([self.model_name], value)
+            yield c
+        if s.kv_offload is not None:
+            yield from self._offload(s.kv_offload)
+
+    def _offload(self, o: OffloadStats) -> Iterator[Metric]:
+        m = [self.model_name]
+        g = GaugeMetricFamily("ember:kv_offload_usage_perc", "Fraction of the KV offload tier's blocks in use.",
+                              labels=["model_name"])
+        g.add_metric(m, o.usage)
+        yield g
+        for name, doc, prefix, swap in [
+                ("kv_offload_stored_blocks", "KV blocks copied from the pool into the offload tier.",
+                 o.stored_prefix_blocks, o.stored_swap_blocks),
+                ("kv_offload_restored_blocks", "KV blocks copied from the offload tier back into the pool.",
+                 o.restored_prefix_blocks, o.restored_swap_blocks)]:
+            c = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name", "kind"])
+            c.add_metric(m + ["prefix"], prefix)
+            c.add_metric(m + ["swap"], swap)
+            yield c
+        for name, doc, value in [
+                ("kv_offload_dropped_blocks", "Prefix blocks dropped from a full offload tier (LRU).", o.dropped_blocks),
+                ("kv_offload_swapped_sequences", "Preempted sequences swapped to the offload tier, not recomputed.",
+                 o.swapped_sequences)]:
+            c = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
+            c.add_metric(m, value)
             yield c
 
 
