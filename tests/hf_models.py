@@ -57,13 +57,15 @@ FAMILIES = {
 }
 
 
-def make_hf_model(family: str, out: Path, seed: int = 0):
-    """Create a tiny random transformers model of `family`, save it to `out`, return it (eval)."""
+def make_hf_model(family: str, out: Path, seed: int = 0, **overrides):
+    """Create a tiny random transformers model of `family`, save it to `out`, return it (eval).
+
+    overrides: config fields over the family's (e.g. a vocab_size matching a tokenizer)."""
     import transformers
 
     cfg_name, model_name, extra = FAMILIES[family]
     own = cfg_name in ("FalconConfig", "Gemma3TextConfig")  # their own field names replace COMMON
-    cfg = getattr(transformers, cfg_name)(**(extra if own else {**COMMON, **extra}))
+    cfg = getattr(transformers, cfg_name)(**{**(extra if own else {**COMMON, **extra}), **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).eval()
     if own:  # norm weights (and biases) off their init, so both are tested

@@ -170,6 +170,18 @@ def state_from_falcon(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     return out
 
 
+def falcon_name(key: str, cfg: ModelConfig) -> str:
+    """The Falcon name of one ember tensor (q/k/v: their layer's query_key_value)."""
+    m = re.match(r"^model\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$", key)
+    if m:
+        return f"transformer.h.{m[1]}.self_attention.query_key_value.{m[3]}"
+    name = _rename(key, _TO_FALCON)
+    if cfg.parallel_mlp_norm:  # the new decoder architecture's names for its two norms
+        name = re.sub(r"\.input_layernorm\.", ".ln_attn.", name)
+        name = re.sub(r"\.post_attention_layernorm\.", ".ln_mlp.", name)
+    return name
+
+
 def state_to_falcon(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """ember tensor names -> Falcon's, q/k/v joined into query_key_value."""
     out: dict[str, torch.Tensor] = {}
@@ -178,13 +190,9 @@ def state_to_falcon(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         if m:
             if m[2] == "q":
                 parts = [state[f"model.layers.{m[1]}.self_attn.{n}.{m[3]}"] for n in _QKV]
-                out[f"transformer.h.{m[1]}.self_attention.query_key_value.{m[3]}"] = join_qkv(parts, cfg)
+                out[falcon_name(key, cfg)] = join_qkv(parts, cfg)
             continue
-        name = _rename(key, _TO_FALCON)
-        if cfg.parallel_mlp_norm:  # the new decoder architecture's names for its two norms
-            name = re.sub(r"\.input_layernorm\.", ".ln_attn.", name)
-            name = re.sub(r"\.post_attention_layernorm\.", ".ln_mlp.", name)
-        out[name] = t
+        out[falcon_name(key, cfg)] = t
     return out
 
 

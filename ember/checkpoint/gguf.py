@@ -5,12 +5,17 @@
 
 What the file holds and how it maps onto a ModelConfig and Hugging Face tensor names:
   * hyperparameters under `<arch>.*` keys (block_count, embedding_length, attention.head_count,
-    rope.freq_base, ...); architectures `llama`, `qwen2` (q/k/v bias) and `gemma3` (Gemma 3's
+    rope.freq_base, ...); architectures `llama`, `qwen2` (q/k/v bias), `gemma3` (Gemma 3's
     block, ember/checkpoint/gemma.py; every 6th layer global as llama.cpp has it; llama.cpp
-    stores its (1 + weight) norms as 1 + weight, so 1 is subtracted back);
+    stores its (1 + weight) norms as 1 + weight, so 1 is subtracted back) and `falcon` (the
+    parallel block, one LayerNorm or, with attn_norm_2, the new decoder architecture's two:
+    attn_norm_2 feeds attention and attn_norm the MLP; RoPE rotate-half; exact GELU, as
+    transformers runs it);
   * tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...), matched to ember's
-    state_dict keys through gguf's own HF -> GGUF name map; no `output.weight` means the LM head
-    is tied to the embeddings;
+    state_dict keys through gguf's own HF -> GGUF name map (Falcon's through its HF names,
+    ember/checkpoint/falcon.py); no `output.weight` means the LM head is tied to the embeddings;
+  * Falcon's attn_qkv is q, k and v stacked in that order (llama.cpp's converter regroups HF's
+    per-KV-group rows so), split by rows into q_proj / k_proj / v_proj;
   * `llama` q/k rows in llama.cpp's interleaved-pairs RoPE order, put back into Hugging Face's
     rotate-half order (the inverse of what llama.cpp's converter and ember's export do);
     `qwen2` rotates NeoX-style and stores them unchanged;
@@ -29,13 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ember.checkpoint.falcon import falcon_name
 from ember.checkpoint.hf import CheckpointError
 from ember.config import ConfigError, ModelConfig, RopeScaling
 from ember.errors import EmberError
 from ember.model.transformer import Transformer
 
-ARCHITECTURES = ("llama", "qwen2", "gemma3")
-_NAME_MAPS = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3": "GEMMA3"}  # gguf.MODEL_ARCH members
+ARCHITECTURES = ("llama", "qwen2", "gemma3", "falcon")
+_NAME_MAPS = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3": "GEMMA3", "falcon": "FALCON"}  # gguf.MODEL_ARCH members
 GEMMA3_SLIDING_PATTERN = 6  # llama.cpp's Gemma 3: layers 6, 12, ... attend globally, the rest locally
 # Tensor types ember dequantizes (everything gguf's numpy code reads that llama.cpp's common
 # quantization presets produce); the i-quants and ternary types are refused by name.
@@ -129,7 +135,14 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     vocab = int(field_value(reader, f"{arch}.vocab_size", int(embed.shape[1])))
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     extra: dict[str, Any] = {}
-    if arch == "gemma3":
+    eps_key = "attention.layer_norm_rms_epsilon"
+    if arch == "falcon":  # llama.cpp's Falcon is always the parallel block (no ALiBi, no Falcon-RW)
+        eps_key = "attention.layer_norm_epsilon"
+        bias = "blk.0.attn_output.bias" in tensors
+        extra = dict(norm="layernorm", gated_mlp=False, mlp_act="gelu", parallel_attn=True,
+                     parallel_mlp_norm="blk.0.attn_norm_2.weight" in tensors, linear_bias=bias, attention_bias=bias,
+                     rope_theta=float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)))
+    elif arch == "gemma3":
         layers = int(need("block_count"))
         cap = field_value(reader, f"{arch}.final_logit_softcapping")
         extra = dict(norm="rms_offset", mlp_act="gelu_tanh", qk_norm=True, sandwich_norm=True, embed_scale=True,
@@ -151,14 +164,13 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
             num_kv_heads=int(field_value(reader, f"{arch}.attention.head_count_kv", heads)),
             head_dim=head_dim,
             max_position_embeddings=int(field_value(reader, f"{arch}.context_length", 2048)),
-            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+            rms_norm_eps=float(need(eps_key)),
             rope_scaling=_rope_scaling(reader, arch, path),
-            attention_bias=arch == "qwen2",
             tie_word_embeddings="output.weight" not in tensors,
             bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_id=() if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
-            **{"hf_model_type": arch, **extra},
+            **{"hf_model_type": arch, "attention_bias": arch == "qwen2",
+               "rope_theta": float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)), **extra},
         )
     except ConfigError as e:
         raise GGUFError(f"{path.name}: {e}") from None
@@ -227,24 +239,27 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32, keep_quantiz
     expected = dict(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    by_gguf = {}
+    by_gguf: dict[str, list[str]] = {}  # several keys: Falcon's attn_qkv, rows of q, k, v in order
     for key in expected:
-        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        hf_name = falcon_name(key, cfg) if arch == "falcon" else key
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:  # a gap in gguf's name map, not the user's file
             raise GGUFError(f"gguf's tensor name map has no name for {key!r}")
-        by_gguf[gguf_name] = key
+        by_gguf.setdefault(gguf_name, []).append(key)
     state: dict[str, torch.Tensor] = {}
     blocks: dict[str, tuple[torch.Tensor, str]] = {}  # module name -> (uint8 blocks, type)
     counts: dict[str, int] = {}
     for tensor in reader.tensors:
-        key = by_gguf.get(tensor.name)
-        if key is None:
+        keys = by_gguf.get(tensor.name)
+        if keys is None:
             raise GGUFError(f"{path.name} holds tensor {tensor.name}, which a {arch} model "
                             "of this config does not have")
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        if shape != tuple(expected[key].shape):
+        rows = [expected[k].shape[0] for k in keys]
+        want = (sum(rows), *expected[keys[0]].shape[1:])
+        if shape != want:
             raise GGUFError(f"{path.name}: tensor {tensor.name} has shape {shape} but the metadata "
-                            f"implies {tuple(expected[key].shape)}")
+                            f"implies {want}")
         kind = tensor.tensor_type.name
         keep = keep_quantized and len(shape) == 2 and kind not in ("F32", "F16", "BF16") and shape[1] % 32 == 0
         if keep:
@@ -255,18 +270,20 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32, keep_quantiz
             w = torch.from_numpy(dequantized(tensor, path))
             label = kind
         counts[label] = counts.get(label, 0) + 1
-        # Row permutations act on whole rows, so they apply to block rows as to dense ones.
-        if cfg.hf_model_type == "llama" and key.endswith("q_proj.weight"):
-            w = unpermute_rope_rows(w, cfg.num_heads)
-        elif cfg.hf_model_type == "llama" and key.endswith("k_proj.weight"):
-            w = unpermute_rope_rows(w, cfg.n_kv_heads)
         if arch == "gemma3" and tensor.name.endswith("norm.weight"):
             w = w - 1  # llama.cpp's converter stored Gemma's (1 + weight) norm weights as 1 + weight
-        if keep:
-            blocks[key.removesuffix(".weight")] = (w.contiguous(), kind_kept)
-        else:
-            state[key] = w.to(dtype)
-    missing = sorted(name for name, key in by_gguf.items() if key not in state and key.removesuffix(".weight") not in blocks)
+        # Row splits and permutations act on whole rows, so they apply to block rows as to dense ones.
+        for key, part in zip(keys, w.split(rows)):
+            if cfg.hf_model_type == "llama" and key.endswith("q_proj.weight"):
+                part = unpermute_rope_rows(part, cfg.num_heads)
+            elif cfg.hf_model_type == "llama" and key.endswith("k_proj.weight"):
+                part = unpermute_rope_rows(part, cfg.n_kv_heads)
+            if keep:
+                blocks[key.removesuffix(".weight")] = (part.contiguous(), kind_kept)
+            else:
+                state[key] = part.to(dtype).contiguous()
+    missing = sorted(name for name, keys in by_gguf.items()
+                     if any(k not in state and k.removesuffix(".weight") not in blocks for k in keys))
     if missing:
         raise GGUFError(f"{path.name} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     _install_blocks(model, blocks, state, dtype)

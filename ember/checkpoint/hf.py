@@ -229,6 +229,10 @@ def save_model(model: Transformer, out_dir: str | os.PathLike,
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # safetensors cannot hold shared tensors; HF re-ties
     if is_falcon(model.config):
+        if getattr(model, "quantization_config", None):  # its packed q/k/v would have to become one query_key_value
+            raise CheckpointError("a quantized Falcon cannot be saved in Falcon's checkpoint layout yet: quantize it "
+                                  "after loading (it runs in memory, in the engine and the server) or export it "
+                                  "with `ember export --format gguf`")
         state = state_to_falcon(state, model.config)
     dtype = next(iter(state.values())).dtype
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")

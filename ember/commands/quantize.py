@@ -167,9 +167,6 @@ def stage_real_quantize(state) -> None:
     methods = ("rtn",) if fast else ("rtn", "gptq", "awq")
     if fast:
         print("  --fast: RTN only (GPTQ and AWQ calibrate every one of the layers: minutes; the full run has them)")
-    if "awq" in methods and not real.model.config.llama_block:
-        methods = tuple(m for m in methods if m != "awq")
-        print(f"  AWQ skipped: its scale folding assumes the Llama block, which {real.name} does not have")
     for method in methods:
         # a fresh load, not a copy: the engine stages attached native-kernel state to the shared model
         model = load_model(real.file)

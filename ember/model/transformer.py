@@ -318,6 +318,23 @@ class Transformer(nn.Module):
                 and isinstance(self.model.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first block: embeddings, scaled by sqrt(hidden) where the
+        config says (Gemma; the constant rounded to the embeddings' dtype first, as transformers does)."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+        return x
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[CosSin | None, CosSin | None]:
+        """(global, local) RoPE cos/sin for the positions: the local pair is the sliding layers' own
+        base (Gemma 3), else the global pair again; (None, None) without RoPE."""
+        if self.config.position != "rope":
+            return None, None
+        cos_sin = rope_cos_sin(self.config, positions, dtype)
+        local = cos_sin if self.local_rope_cfg is None else rope_cos_sin(self.local_rope_cfg, positions, dtype)
+        return cos_sin, local
+
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                attn: AttentionBackend | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final-norm hidden states (B, T, D) and the MoE router logits of each layer.
@@ -327,11 +344,8 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)
-        if self.config.embed_scale:
-            x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
-        cos_sin = rope_cos_sin(self.config, positions, x.dtype) if self.config.position == "rope" else None
-        local = cos_sin if self.local_rope_cfg is None else rope_cos_sin(self.local_rope_cfg, positions, x.dtype)
+        x = self.embed(input_ids)
+        cos_sin, local = self.rope(positions, x.dtype)
         router_logits: list[torch.Tensor] = []
         for layer in self.model.layers:
             x, logits = layer(x, local if layer.self_attn.local_rope else cos_sin, attn)

@@ -15,14 +15,11 @@ in the next stage, so TP x PP combine. With one stage, the ModelRunner's own for
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
 from ember.engine.attn_metadata import AttnMetadata
 from ember.engine.model_runner import ModelRunner, StepInputs
-from ember.model.rope import rope_cos_sin
 from ember.model.transformer import Transformer
 from ember.parallel.group import ParallelGroup
 
@@ -64,9 +61,7 @@ class StageRunner(ModelRunner):
             positions = torch.tensor([step.pos[t0:t1]], device=self.device)
             meta = AttnMetadata.build(self.kv_cache, self.block_size, step.seqs[s0:s1], self.workspace)
             if first:
-                x = model.model.embed_tokens(ids)
-                if model.config.embed_scale:
-                    x = x * torch.tensor(math.sqrt(D), dtype=x.dtype)
+                x = model.embed(ids)
             else:
                 x = torch.empty(1, t1 - t0, D, dtype=self.dtype, device=self.device)
                 dist.recv(x, src=g.stage_rank(g.stage - 1), tag=k)
@@ -96,8 +91,7 @@ class StageRunner(ModelRunner):
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         """This stage's blocks, as Transformer.hidden runs them."""
         model = self.model
-        cos_sin = rope_cos_sin(model.config, positions, x.dtype) if model.config.position == "rope" else None
-        local = cos_sin if model.local_rope_cfg is None else rope_cos_sin(model.local_rope_cfg, positions, x.dtype)
+        cos_sin, local = model.rope(positions, x.dtype)
         for layer in model.model.layers:
             x, _ = layer(x, local if layer.self_attn.local_rope else cos_sin, meta)
         return x

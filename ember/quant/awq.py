@@ -5,6 +5,8 @@ For linears sharing one input x (e.g. q/k/v after the input RMSNorm), a per-inpu
 scale s multiplies their weight columns and divides the preceding op's output:
 
     y = W x = (W diag(s)) (diag(s)^-1 x)      prev RMSNorm weight /= s   or   prev linear rows /= s
+                                              Gemma's (1 + w) norm: 1 + w <- (1 + w) / s
+                                              LayerNorm (Falcon): weight /= s and bias /= s
 
 so the float model is unchanged while Q(W diag(s)) rounds salient columns more finely.
 s = mean|x|^alpha (normalised so sqrt(max * min) = 1) with alpha from a 20-point grid on [0, 1)
@@ -13,8 +15,14 @@ o_proj, down_proj) on calibration data. The scaling groups of a block:
 
     input_layernorm          -> q, k, v          (judged on the attention output)
     v_proj                   -> o_proj           (only without GQA: v and o channels must pair)
-    post_attention_layernorm -> gate, up         (MLP output; Mixtral: router + every w1, w3)
+    post_attention_layernorm -> gate, up         (MLP output; Mixtral: router + every w1, w3;
+                                                  Gemma 3: pre_feedforward_layernorm, its MLP's norm)
     up_proj                  -> down_proj        (Mixtral: each expert's w3 -> w2)
+
+Falcon's blocks: with one LayerNorm for both branches (Falcon-7B) q, k, v and up share its output and
+are scaled together, judged on attention + MLP; with two (the new decoder architecture) or the
+sequential block, each norm feeds its branch as above. Its MLP has no up_proj -> down_proj group:
+GELU sits between them, and a scale does not pass through it (down_proj is rounded unscaled).
 
 Then, optionally, each weight's per-group clipping range is shrunk (up to 50 %, 20-point grid)
 where that lowers the group's output error (q and k are left unclipped), and the weights are
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ember.model.transformer import RMSNorm
+from ember.model.transformer import OffsetRMSNorm, RMSNorm
 from ember.quant.calibration import BlockRunner, InputCapture
 from ember.quant.rtn import GroupQuantized, fake_quantize, group_params, rtn_quantize
 
@@ -58,16 +66,25 @@ def _batched(fn: Inspect, x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def scale_groups(layer: nn.Module, prefix: str, cos_sin) -> list[ScaleGroup]:
+    """The scaling groups of one block, in the order its inputs are computed (see the module docstring)."""
     attn = layer.self_attn
-    groups = [ScaleGroup(layer.input_layernorm, [f"{prefix}self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")],
-                         lambda h: attn(h, cos_sin, None), f"{prefix}self_attn.q_proj")]
+    qkv = [f"{prefix}self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    mlp = layer._modules.get("mlp")
+    up = [f"{prefix}mlp.{p}" for p in (("gate_proj", "up_proj") if hasattr(mlp, "gate_proj") else ("up_proj",))]
+    one_norm = layer.parallel and "post_attention_layernorm" not in layer._modules  # Falcon-7B's block
+    if one_norm:
+        groups = [ScaleGroup(layer.input_layernorm, qkv + up, lambda h: attn(h, cos_sin, None) + mlp(h),
+                             f"{prefix}self_attn.q_proj")]
+    else:
+        groups = [ScaleGroup(layer.input_layernorm, qkv, lambda h: attn(h, cos_sin, None), f"{prefix}self_attn.q_proj")]
     if attn.v_proj.out_features == attn.o_proj.in_features:
         groups.append(ScaleGroup(attn.v_proj, [f"{prefix}self_attn.o_proj"], attn.o_proj, f"{prefix}self_attn.o_proj"))
-    if hasattr(layer, "mlp"):
-        mlp = layer.mlp
-        groups.append(ScaleGroup(layer.post_attention_layernorm, [f"{prefix}mlp.gate_proj", f"{prefix}mlp.up_proj"],
-                                 mlp, f"{prefix}mlp.gate_proj"))
-        groups.append(ScaleGroup(mlp.up_proj, [f"{prefix}mlp.down_proj"], mlp.down_proj, f"{prefix}mlp.down_proj"))
+    if mlp is not None:
+        if not one_norm:
+            norm = layer.pre_feedforward_layernorm if layer.sandwich else layer.post_attention_layernorm
+            groups.append(ScaleGroup(norm, up, mlp, up[0]))
+        if hasattr(mlp, "gate_proj"):  # gated: down_proj's input is linear in up_proj's output
+            groups.append(ScaleGroup(mlp.up_proj, [f"{prefix}mlp.down_proj"], mlp.down_proj, f"{prefix}mlp.down_proj"))
     else:
         moe = layer.block_sparse_moe
         names = [f"{prefix}block_sparse_moe.gate"]
@@ -108,6 +125,11 @@ def apply_scale(group: ScaleGroup, s: torch.Tensor, modules: dict[str, nn.Linear
     prev = group.prev
     if isinstance(prev, RMSNorm):
         prev.weight.div_(s)
+    elif isinstance(prev, OffsetRMSNorm):  # scales by 1 + weight
+        prev.weight.copy_((1 + prev.weight) / s - 1)
+    elif isinstance(prev, nn.LayerNorm):
+        prev.weight.div_(s)
+        prev.bias.div_(s)
     else:
         prev.weight.div_(s.view(-1, 1))
         if prev.bias is not None:
@@ -153,7 +175,7 @@ def awq_quantize_model(model: nn.Module, input_ids: torch.Tensor, linears: dict[
     all_linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for idx, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{idx}."
-        groups = scale_groups(layer, prefix, runner.cos_sin)
+        groups = scale_groups(layer, prefix, runner.cos_sin(layer))
         mine = {n: m for n, m in linears.items() if n.startswith(prefix)}
         watched = {g.input_of for g in groups} | set(mine)
         captured: dict[str, list[torch.Tensor]] = defaultdict(list)

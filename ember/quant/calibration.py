@@ -25,7 +25,6 @@ import torch.nn as nn
 from ember.data.shards import VAL_FRACTION, holdout_key
 from ember.data.sources import Document, documents, stdlib_sources
 from ember.errors import EmberError
-from ember.model.rope import rope_cos_sin
 from ember.model.transformer import Transformer
 
 
@@ -92,19 +91,21 @@ class BlockRunner:
 
     def __init__(self, model: Transformer, input_ids: torch.Tensor, batch_size: int = 16) -> None:
         self.batch_size = batch_size
-        cfg = model.config
         T = input_ids.shape[1]
         device = next(model.parameters()).device
-        with torch.no_grad():
-            self.hidden = model.model.embed_tokens(input_ids.to(device)).float()
-        self.cos_sin = None
-        if cfg.position == "rope":
-            self.cos_sin = rope_cos_sin(cfg, torch.arange(T, device=device).unsqueeze(0), torch.float32)
+        with torch.no_grad():  # what the model's forward feeds its first block (Gemma: scaled)
+            self.hidden = model.embed(input_ids.to(device)).float()
+        self.global_cos_sin, self.local_cos_sin = model.rope(torch.arange(T, device=device).unsqueeze(0), torch.float32)
+
+    def cos_sin(self, block: nn.Module):
+        """The RoPE cos/sin `block` rotates with (Gemma 3's sliding layers: their own base)."""
+        return self.local_cos_sin if block.self_attn.local_rope else self.global_cos_sin
 
     @torch.no_grad()
     def run(self, block: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
         x = self.hidden if hidden is None else hidden
-        outs = [block(x[i:i + self.batch_size], self.cos_sin, None)[0] for i in range(0, len(x), self.batch_size)]
+        cos_sin = self.cos_sin(block)
+        outs = [block(x[i:i + self.batch_size], cos_sin, None)[0] for i in range(0, len(x), self.batch_size)]
         return torch.cat(outs)
 
     def advance(self, block: nn.Module) -> None:

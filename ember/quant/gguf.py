@@ -10,6 +10,9 @@ What llama.cpp needs from us:
   * for the `llama` architecture, q_proj / k_proj rows permuted from Hugging Face's rotate-half
     RoPE layout back to the interleaved-pairs layout llama.cpp rotates (as its converter does);
     `qwen2` uses rotate-half (NeoX) RoPE itself and takes them unchanged;
+  * `falcon` for Falcon's parallel block (llama.cpp's Falcon-7B / 40B: one LayerNorm, or the new
+    decoder architecture's two, named through Falcon's HF names; no linear biases, RoPE rotate-half):
+    q, k and v stacked in that order as attn_qkv, `attention.layer_norm_epsilon`;
   * hyperparameters under `<arch>.*` keys and the byte-level BPE tokenizer (`gpt2` model,
     tokens, merges, token types with CONTROL for special tokens, special ids, add_bos/add_eos as
     the tokenizer's post-processor does, chat template). The pre-tokenizer name is the one of the
@@ -17,8 +20,9 @@ What llama.cpp needs from us:
     with), else "gpt-2";
   * 2-D weights in the chosen type (q8_0 / q4_0 blocks of 32 along a row; rows whose length is not
     a multiple of 32 fall back to f16), 1-D norms and biases in f32.
-Quantized ember models are dequantized first. Mixtral, ALiBi and sliding-window models have no
-counterpart here and are refused.
+Quantized ember models are dequantized first. Mixtral, ALiBi and sliding-window models (so Gemma 3,
+whose SentencePiece vocabulary ember cannot write either), sequential or biased Falcon blocks (llama.cpp's
+Falcon has neither) have no counterpart here and are refused.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ember.atomic import atomic_path
+from ember.checkpoint.falcon import falcon_name
 from ember.errors import EmberError
 from ember.model.transformer import Transformer
 from ember.quant.gguf_embedding import GGUFEmbedding
@@ -79,13 +85,28 @@ def dense_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return state
 
 
+def _falcon_block(cfg) -> bool:
+    """Whether cfg is the Falcon block llama.cpp's `falcon` architecture computes."""
+    return (cfg.norm == "layernorm" and not cfg.gated_mlp and cfg.mlp_act == "gelu" and cfg.parallel_attn
+            and cfg.position == "rope" and not cfg.linear_bias and not cfg.attention_bias and not cfg.qk_norm
+            and not cfg.sandwich_norm and not cfg.embed_scale and cfg.attn_scale is None and not cfg.layer_types
+            and cfg.final_logit_softcapping is None)
+
+
 def _arch(model: Transformer):
     gguf = _gguf()
 
     cfg = model.config
+    if cfg.hf_model_type == "falcon" and not _falcon_block(cfg):
+        raise ExportError("GGUF export writes Falcon's parallel block with RoPE and no linear biases (what "
+                          "llama.cpp's falcon architecture computes); this Falcon is sequential, ALiBi or biased")
+    if _falcon_block(cfg) and not cfg.is_moe and cfg.sliding_window is None \
+            and cfg.rope_scaling.rope_type == "default":
+        return gguf.MODEL_ARCH.FALCON
     if cfg.is_moe or not cfg.llama_block or cfg.sliding_window is not None:
         raise ExportError("GGUF export supports dense Llama-block RoPE models without a sliding window "
-                          "(llama and qwen2 families; not Falcon, Gemma 3 or ALiBi models)")
+                          "(llama and qwen2 families) and Falcon's parallel block; not Gemma 3, sequential "
+                          "Falcon or ALiBi models")
     if cfg.rope_scaling.rope_type not in ("default", "linear"):
         raise ExportError(f"GGUF export does not support {cfg.rope_scaling.rope_type!r} RoPE scaling yet "
                           "(default and linear are supported)")
@@ -195,7 +216,10 @@ def export_gguf(model: Transformer, tokenizer, out: str | os.PathLike, kind: str
         writer.add_key_length(cfg.d_head)
         writer.add_value_length(cfg.d_head)
         writer.add_rope_dimension_count(cfg.d_head)
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        if arch == gguf.MODEL_ARCH.FALCON:
+            writer.add_layer_norm_eps(cfg.rms_norm_eps)
+        else:
+            writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_rope_freq_base(cfg.rope_theta)
         if cfg.rope_scaling.rope_type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -204,7 +228,12 @@ def export_gguf(model: Transformer, tokenizer, out: str | os.PathLike, kind: str
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, tokenizer, cfg.vocab_size)
-        for hf_name, t in dense_state_dict(model).items():
+        state = dense_state_dict(model)
+        if arch == gguf.MODEL_ARCH.FALCON:  # attn_qkv: q, k, v stacked, as llama.cpp's converter writes it
+            state = {falcon_name(k, cfg): (torch.cat([state[k.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+                                           if ".q_proj." in k else t)
+                     for k, t in state.items() if ".k_proj." not in k and ".v_proj." not in k}
+        for hf_name, t in state.items():
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise ExportError(f"no GGUF name for tensor {hf_name!r}")

@@ -124,9 +124,6 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor
     dtype = next(model.parameters()).dtype
     if cfg.method in ("rtn", "gptq", "awq"):
         _check_shapes(linears, cfg)
-    if cfg.method == "awq" and not getattr(getattr(model, "config", None), "llama_block", True):
-        raise QuantizationError("awq folds its scales into Llama-style blocks (RMSNorm, sequential SwiGLU); "
-                                "quantize this model with gptq, rtn, int8 or nf4")
     if cfg.method in CALIBRATED and dtype != torch.float32:
         raise QuantizationError(f"{cfg.method} calibrates in float32; load the model with dtype float32")
 

@@ -89,7 +89,7 @@ def test_lora_falcon_target_names_select_ember_modules(tmp_path) -> None:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["int8", "rtn", "gptq"])
+@pytest.mark.parametrize("method", ["int8", "rtn", "gptq", "awq"])
 def test_quantized_falcon_runs_in_model_and_engine(method, tmp_path) -> None:
     from ember.engine import LLM, SamplingParams
     from ember.model.generate import generate
@@ -99,7 +99,7 @@ def test_quantized_falcon_runs_in_model_and_engine(method, tmp_path) -> None:
     model = ember.load_model(tmp_path)
     ref = model(IDS)
     cal = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(2))
-    quantize_model(model, QuantConfig(method=method, bits=8, group_size=32), cal if method == "gptq" else None)
+    quantize_model(model, QuantConfig(method=method, bits=8, group_size=32), cal if method in ("gptq", "awq") else None)
     ours = model(IDS)
     # 8-bit weights: close to the float model, and not the same tensor
     assert 0 < (ours - ref).abs().max().item() < 0.05 * ref.abs().max().item()
@@ -107,16 +107,10 @@ def test_quantized_falcon_runs_in_model_and_engine(method, tmp_path) -> None:
     expected = generate(model, prompt, 16)[0, 10:].tolist()
     out = LLM(model).generate([prompt[0].tolist()], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert out[0].outputs[0].token_ids == expected
+    from ember.checkpoint.hf import CheckpointError
 
-
-def test_awq_refuses_a_falcon_block(tmp_path) -> None:
-    from ember.quant import QuantConfig, quantize_model
-    from ember.quant.quantize import QuantizationError
-
-    make_hf_model("falcon-mqa-parallel", tmp_path)
-    model = ember.load_model(tmp_path)
-    with pytest.raises(QuantizationError, match="awq"):
-        quantize_model(model, QuantConfig(method="awq", bits=4, group_size=32), torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(CheckpointError, match="quantized Falcon cannot be saved"):  # not yet: said, not written wrong
+        ember.save_model(model, tmp_path / "quantized")
 
 
 @pytest.mark.parametrize("family", FALCONS)

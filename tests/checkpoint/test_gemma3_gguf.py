@@ -6,7 +6,6 @@ Skipped, with the pip command, where the packages are not installed (`make insta
 
 from __future__ import annotations
 
-import copy
 import pydoc_data.topics
 
 import pytest
@@ -27,18 +26,15 @@ def _ids(length: int, seed: int = 0) -> torch.Tensor:
 def test_logits_equal_transformers(gemma3, gemma3_hf) -> None:
     """600 tokens: past the 512-token sliding window, so local and global layers both matter.
 
-    In fp32 the two differ by rounding alone: Gemma's residual stream grows to ~1e5, where one fp32
-    step is ~0.008, and the logits end ~1.5e-4 apart (relative ~2e-6). In float64 (both still
-    compute their norms in fp32, as Gemma's reference does) they are ~3e-5 apart: within 1e-4.
+    fp32, within 1e-4 of logits up to ~100 while the residual stream reaches ~1e5 (one fp32 step
+    there is ~0.008): only an identical order of operations gets there (RoPE's two products
+    rounded before their sum, as transformers does, not one fused multiply-add).
     """
     ids = _ids(600)
     ours, ref = gemma3(ids), gemma3_hf(ids).logits
     assert ours.shape == ref.shape == (1, 600, 262144)
-    assert (ours - ref).abs().max().item() < 5e-4
+    assert (ours - ref).abs().max().item() < 1e-4
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
-    ours64, ref64 = copy.deepcopy(gemma3).double(), copy.deepcopy(gemma3_hf).double()
-    ids = ids[:, :520]
-    assert (ours64(ids) - ref64(ids).logits).abs().max().item() < 1e-4
 
 
 def test_tokenizer_ids_equal_transformers_on_pydoc_topics(gemma3_file, gemma3_tokenizer) -> None:

@@ -16,14 +16,14 @@ from ember.model.generate import generate
 from tests.hf_models import make_hf_model
 
 LENGTHS = [1, 3, 7, 15, 16, 17, 23, 31, 32, 33, 40, 47, 55, 64, 70, 90]
-NEW = 24
+NEW = 32
 REGIMES = {
     "default": dict(),
     "no-prefix-cache": dict(enable_prefix_caching=False),
     "no-chunked-prefill": dict(enable_chunked_prefill=False, max_num_batched_tokens=256),
     "small-chunks": dict(max_num_batched_tokens=32, max_num_seqs=16),
-    # 15 blocks x 8 tokens = 120 slots, while the 16 requests need ~1,000 together
-    "preemption": dict(num_kv_blocks=15, block_size=8, max_num_batched_tokens=48, max_num_seqs=16),
+    # 16 blocks x 8 tokens = 128 slots (the longest request, 90 + 32 tokens, fits), while the 16 need ~1,100 together
+    "preemption": dict(num_kv_blocks=16, block_size=8, max_num_batched_tokens=48, max_num_seqs=16),
 }
 
 

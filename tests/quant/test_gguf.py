@@ -117,10 +117,13 @@ def test_unsupported_models_are_refused(model_and_tok, tmp_path) -> None:
     moe = Transformer(preset("tiny-moe", vocab_size=tok.vocab_size))
     with pytest.raises(ExportError, match="dense Llama-block RoPE"):
         export_gguf(moe, tok, tmp_path / "x.gguf")
-    falcon_like = Transformer(preset("tiny", vocab_size=tok.vocab_size, norm="layernorm", gated_mlp=False,
-                                     mlp_act="gelu", parallel_attn=True))
-    with pytest.raises(ExportError, match="not Falcon, Gemma 3"):
-        export_gguf(falcon_like, tok, tmp_path / "x.gguf")
+    sequential_falcon_like = Transformer(preset("tiny", vocab_size=tok.vocab_size, norm="layernorm",
+                                                gated_mlp=False, mlp_act="gelu"))
+    gemma_like = Transformer(preset("tiny", vocab_size=tok.vocab_size, norm="rms_offset", mlp_act="gelu_tanh",
+                                    sandwich_norm=True, embed_scale=True))
+    for model in (sequential_falcon_like, gemma_like):
+        with pytest.raises(ExportError, match="not Gemma 3, sequential Falcon"):
+            export_gguf(model, tok, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 
