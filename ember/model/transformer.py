@@ -210,6 +210,10 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.intermediate_size)
                                      for _ in range(cfg.num_experts))
 
+    def runs_expert(self, e: int) -> bool:
+        """Whether this module computes expert `e` (all of them here; expert parallel holds some)."""
+        return True
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
@@ -220,6 +224,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         # Loop over experts that received tokens: each runs one dense matmul on its tokens.
         for e in chosen.unique().tolist():
+            if not self.runs_expert(e):
+                continue
             tok, slot = torch.where(chosen == e)
             y = self.experts[e](x[tok]) * weights[tok, slot, None]
             out.index_add_(0, tok, y)

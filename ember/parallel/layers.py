@@ -100,18 +100,5 @@ class ExpertParallelMoE(MoE):
 
     local_experts: frozenset[int] = frozenset()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, D)
-        router_logits = self.gate(x)  # (N, E)
-        probs = torch.softmax(router_logits.float(), dim=-1)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        for e in chosen.unique().tolist():
-            if e not in self.local_experts:
-                continue
-            tok, slot = torch.where(chosen == e)
-            y = self.experts[e](x[tok]) * weights[tok, slot, None]
-            out.index_add_(0, tok, y)
-        return out.reshape(shape), router_logits
+    def runs_expert(self, e: int) -> bool:
+        return e in self.local_experts
