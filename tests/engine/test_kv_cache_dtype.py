@@ -15,9 +15,7 @@ from ember.config import preset
 from ember.engine import LLM, SamplingParams, native
 from ember.engine.config import EngineConfig, EngineConfigError
 from tests.engine.conftest import spread_model
-from tests.engine.test_engine_parity import REGIMES, _check_engine, _prompts
-
-NEW = 24
+from tests.engine.test_engine_parity import NEW, REGIMES, _check_engine, _prompts
 
 
 @pytest.fixture(scope="module")
