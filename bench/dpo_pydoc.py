@@ -9,8 +9,9 @@ default being 150); then one DPO run per `--seeds` on that SFT model: LoRA r16 o
 layers, lr 1.5e-3, beta 0.1, 300 steps of 8 pairs (`ember.commands.dpo.quickstart_dpo_config`).
 The seed changes the adapter's initialisation and the order of the pairs, not the split: the
 held-out pairs (questions from held-out documentation sections, rejecteds drawn from held-out
-sections only) are the same for every seed. The baseline is the SFT model itself: its held-out
-reward accuracy before DPO (0.5 means the policy equals the reference, by construction).
+sections only) are the same for every seed. The baseline is the SFT model itself, printed as the
+held-out reward accuracy before DPO: there the policy is the reference, every reward is 0 and no
+pair counts as won (accuracy is the fraction with chosen strictly above rejected), so it reads 0.00.
 
 This measures quality, not speed: the figures do not depend on machine load, only the run time does.
 """
