@@ -19,6 +19,7 @@ import ember
 from ember.engine import LLM, SamplingParams
 from ember.parallel import ParallelError
 from tests.hf_models import make_hf_model
+from tests.serve.test_serve_drain import _start
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
@@ -99,27 +100,7 @@ def test_unsplittable_shape_is_refused_and_workers_cleaned_up(llama) -> None:
 
 
 def _serve(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--num-kv-blocks", "64", "--threads", "1", "--log-interval", "0",
-                             "--tensor-parallel-size", "2", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "ember serve did not start"
-        time.sleep(0.1)
+    return _start(model_dir, "--tensor-parallel-size", "2", *flags, kv_blocks=64)
 
 
 def test_dead_worker_takes_the_server_down(tiny_dir) -> None:

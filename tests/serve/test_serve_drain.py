@@ -21,10 +21,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+def _start(model_dir, *flags: str, kv_blocks: int = 256) -> tuple[subprocess.Popen, str]:
+    """`ember serve` in a subprocess on a free port, once /health answers (also tests/parallel's)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--num-kv-blocks", "256", "--threads", "1", "--log-interval", "0", *flags],
+                             "--num-kv-blocks", str(kv_blocks), "--threads", "1", "--log-interval", "0", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
